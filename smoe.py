@@ -1,0 +1,348 @@
+"""
+LoRA-SMoE in one file: a mixture of LoRA experts whose expert counts per weight
+matrix are allocated from gradient sensitivity under a fixed budget.
+
+Read top to bottom, smallest piece first:
+  1. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
+  2. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
+  3. GPT                  a tiny transformer with separate q, k, v, o projections
+  4. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
+  5. allocate_experts     per-task votes that spend exactly `budget` experts
+  6. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
+
+Run `python train.py --budget 16` to watch every step, `pytest test_smoe.py` for the proof.
+
+Shapes: B batch, T time, C channels, N = B*T tokens, E experts, k top-k, r rank.
+
+References:
+  [1] Xu, Diao. A Sensitivity-Driven Expert Allocation Method in LoRA-MoE for
+      Efficient Fine-Tuning (LoRA-SMoE). arXiv 2505.06272, 2025.
+  [2] Hu et al. LoRA: Low-Rank Adaptation of Large Language Models. arXiv 2106.09685.
+  [3] Fedus, Zoph, Shazeer. Switch Transformers. arXiv 2101.03961.
+  [4] Jiang et al. Mixtral of Experts. arXiv 2401.04088.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The LoRA-MoE linear layer
+
+
+class LoRAMoELinear(nn.Module):
+    """y = W0 x + sum_{i in TopK(x)} g_i(x) * scaling * B_i A_i x      ([1] eq. 1, [4])
+
+    E experts of rank r stacked are one LoRA of rank E*r whose rank groups are gated
+    per token, so the experts cost two matmuls: x -> (N, E*r) -> gate -> (N, out).
+    With E == 1 there is no router and the layer is plain LoRA [2].
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int, r: int = 8, lora_alpha: float = 16.0, top_k: int = 2):
+        super().__init__()
+        if num_experts < 1 or r < 1 or top_k < 1:
+            raise ValueError(f"num_experts, r and top_k must be >= 1, got {num_experts}, {r}, {top_k}")
+        self.base = base
+        self.base.requires_grad_(False)  # the pretrained weight stays frozen
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.num_experts = num_experts
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.top_k = min(top_k, num_experts)
+        E, C, O = num_experts, self.in_features, self.out_features
+        like_base = {"device": base.weight.device, "dtype": base.weight.dtype}  # the adapter lives where its base does
+        self.lora_A = nn.Parameter(torch.empty(E, r, C, **like_base))  # E stacked (r, in) down-projections
+        self.lora_B = nn.Parameter(torch.empty(E, O, r, **like_base))  # E stacked (out, r) up-projections
+        self.router = nn.Linear(C, E, bias=False, **like_base) if E > 1 else None
+        self.reset_parameters()
+        self.aux_loss = None  # this layer's load-balancing loss from the last forward (None when E == 1)
+        self.expert_counts = None  # (E,) routing slots each expert received in the last forward
+
+    def reset_parameters(self):
+        # PEFT's initialisation: A like an nn.Linear(in, r) weight, B = 0, so the layer starts equal to its base
+        for i in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[i], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        E, r, O = self.num_experts, self.r, self.out_features
+        y = self.base(x)                                              # (..., out)
+        xs = x.reshape(-1, self.in_features)                          # (N, C)
+        h = xs @ self.lora_A.reshape(E * r, -1).t()                   # (N, E*r) every expert's A_i x at once
+        if self.router is not None:
+            logits = self.router(xs)                                  # (N, E)
+            top_logits, top_idx = logits.topk(self.top_k, dim=-1)     # (N, k)
+            # softmax over the k chosen logits [4]; unchosen experts get gate 0
+            gates = torch.zeros_like(logits).scatter(-1, top_idx, F.softmax(top_logits, dim=-1))  # (N, E)
+            h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)  # (N, E*r) gate each rank group
+            self.aux_loss = load_balancing_loss(logits, self.top_k)
+            self.expert_counts = torch.zeros(E, device=x.device).index_add_(
+                0, top_idx.flatten(), torch.ones(top_idx.numel(), device=x.device)).detach()  # (E,)
+        B_all = self.lora_B.permute(1, 0, 2).reshape(O, E * r)          # (out, E*r) = [B_1 | B_2 | ... | B_E]
+        delta = h @ B_all.t()                                         # (N, out)
+        return y + self.scaling * delta.view(*x.shape[:-1], O)        # base(x) + scaling * B(A(x))
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, top_k={self.top_k}"
+
+
+# -----------------------------------------------------------------------------
+# Load-balancing loss
+
+
+def load_balancing_loss(router_logits, top_k):
+    """Switch Transformer [3] eq. (4), normalised so that uniform routing gives 1:
+
+        f_i = (routing slots that chose expert i) / (N * k)
+        P_i = mean over tokens of softmax(router_logits)_i
+        L   = E * sum_i f_i * P_i
+
+    router_logits: (N, E). Uniform routing gives 1 for any E and k; every token on
+    one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by N, not N*k,
+    so its value is k times this one.
+    Example by hand: E = 2, k = 1, two tokens both routed to expert 0 with
+    P = (0.75, 0.25): f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
+    """
+    N, E = router_logits.shape
+    probs = F.softmax(router_logits, dim=-1)                          # (N, E)
+    top_idx = router_logits.topk(top_k, dim=-1).indices               # (N, k)
+    slots = torch.zeros(E, device=router_logits.device).index_add_(
+        0, top_idx.flatten(), torch.ones(top_idx.numel(), device=router_logits.device))  # (E,)
+    f = slots / (N * top_k)                                           # (E,) fraction of routing slots
+    P = probs.mean(dim=0)                                             # (E,) mean router probability
+    return E * (f * P).sum()
+
+
+def moe_layers(model):
+    """(name, layer) for every LoRAMoELinear in the model, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
+
+
+def moe_aux_loss(model):
+    """Mean of the last forward's load-balancing loss over the layers that route (E >= 2)."""
+    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    if not losses:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack(losses).mean()
+
+# -----------------------------------------------------------------------------
+# A tiny transformer (nanoGPT-sized) with separate q, k, v, o projections
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32   # set from data.VOCAB by train.py
+    block_size: int = 16   # longest input sequence
+    n_layer: int = 4       # 4 layers x (q, k, v, o) = 16 candidate matrices: budget 16 is plain LoRA's count
+    n_head: int = 4
+    n_embd: int = 64
+
+
+class Attention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        # separate projections so that each one can receive its own number of experts
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                   # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)                                          # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.down_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)  # GPT-2's initialisation
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)          # (B, T, C)
+        for block in self.layers:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))                # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        # targets == -1 marks prompt and padding positions, left out of the loss
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+def candidate_names(model, targets):
+    """Qualified names of the nn.Linear modules whose last name part is in `targets`,
+    in module order, e.g. targets ("q_proj", "v_proj") -> ["layers.0.attn.q_proj", ...]."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+
+# -----------------------------------------------------------------------------
+# Sensitivity: S_t(W_m) = sum over sampled batches b of task t of ||dL_t(b)/dW_m||_F^2   ([1] sec. 3.1)
+
+
+def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="sum"):
+    """Per-task sensitivity of each candidate base weight.
+
+    task_batches: {task: [batch, ...]}, a few sampled batches per task.
+    loss_fn(model, batch) -> scalar loss of that batch.
+    module_names: qualified names of the candidate nn.Linear modules.
+    reduction: "sum" (the paper's score) or "mean" (divided by the weight's number of
+      entries, so that matrices of different shapes compete fairly).
+    Returns {task: {module_name: score}}: the squared Frobenius norms of the gradient
+    of each batch's loss with respect to W_m, summed over the task's batches. This is
+    the diagonal empirical Fisher the released code accumulates as (grad ** 2).sum(),
+    here in float32 and without gradient clipping. Nothing is updated, and the model's
+    weights, requires_grad flags, .grad fields and train/eval mode are left as found.
+
+    Example: one batch whose gradient for W is [[1, -2], [0, 2]] gives
+    S = 1 + 4 + 0 + 4 = 9; a second batch with gradient [[0, 1], [1, 0]] adds 2: S = 11.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    weights = {name: model.get_submodule(name).weight for name in module_names}
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    for w in weights.values():
+        w.requires_grad_(True)  # gradients flow only where we read them
+    scores = {}
+    try:
+        for task, batches in task_batches.items():
+            acc = {name: torch.zeros((), device=w.device) for name, w in weights.items()}
+            for batch in batches:
+                loss = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss.float(), list(weights.values()))
+                for name, g in zip(weights, grads):
+                    acc[name] += g.float().pow(2).sum()  # ||dL/dW||_F^2, squared in float32
+            scores[task] = {name: (acc[name] / (weights[name].numel() if reduction == "mean" else 1)).item()
+                            for name in weights}
+    finally:
+        for p, flag, grad in zip(params, saved_flags, saved_grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    return scores
+
+# -----------------------------------------------------------------------------
+# Budgeted allocation by per-task votes   ([1] sec. 3.2, with an exact budget)
+
+
+def allocate_experts(sensitivity, budget):
+    """Spend exactly `budget` experts by per-task votes.
+
+    sensitivity: {task: {module_name: score}}, every task scoring the same modules.
+    Task t casts q_t votes, one each for its q_t most sensitive modules, with
+    q_t = budget // T, plus one more for the first budget % T tasks in sorted name
+    order. A module's expert count is the number of votes it got, so 0 <= n <= T
+    and the counts sum to the budget. Ties go to the module that comes first in the
+    model. Valid budgets: 1 <= budget <= T * M.
+    Returns {module_name: count} for every module, zeros included, in module order.
+
+    Example: scores {"a": {"q": 3, "k": 1, "v": 2}, "b": {"q": 1, "k": 5, "v": 4}},
+    budget 3: task a gets 2 votes (3 // 2 + 1), task b gets 1. Task a votes for q and
+    v, task b for k, so the result is {"q": 1, "k": 1, "v": 1}. With budget 4 both
+    tasks vote twice: a for q and v, b for k and v: {"q": 1, "k": 1, "v": 2}.
+    """
+    tasks = sorted(sensitivity)
+    if not tasks:
+        raise ValueError("sensitivity has no tasks")
+    modules = list(sensitivity[tasks[0]])
+    for t in tasks:
+        if set(sensitivity[t]) != set(modules):
+            raise ValueError(f"task {t!r} scores different modules than task {tasks[0]!r}")
+    T, M = len(tasks), len(modules)
+    if not isinstance(budget, int) or not 1 <= budget <= T * M:
+        raise ValueError(f"budget must be an integer from 1 to {T * M} (tasks x candidate matrices = {T} x {M}), got {budget}")
+    order = {m: i for i, m in enumerate(modules)}
+    counts = {m: 0 for m in modules}
+    for i, t in enumerate(tasks):
+        votes = budget // T + (1 if i < budget % T else 0)
+        ranked = sorted(modules, key=lambda m: (-sensitivity[t][m], order[m]))  # most sensitive first
+        for m in ranked[:votes]:
+            counts[m] += 1
+    return counts
+
+# -----------------------------------------------------------------------------
+# Applying an allocation to a model
+
+
+def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
+    """Replace each nn.Linear named in `allocation` with count >= 1 by a LoRAMoELinear
+    with that many experts; freeze every other parameter. Modifies and returns `model`.
+    A module with count 0 gets no adapter at all and stays frozen."""
+    for name, n in allocation.items():
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"expert count for {name!r} must be a whole number >= 0, got {n!r}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"allocation names {name!r}, which is not a module of this model") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"allocation names {name!r}, a {type(module).__name__}; only nn.Linear can take experts")
+    model.requires_grad_(False)
+    for name, n in allocation.items():
+        if n >= 1:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, LoRAMoELinear(getattr(parent, child), n, r=r, lora_alpha=lora_alpha, top_k=top_k))
+    return model
+
+
+def adapter_state_dict(model):
+    """The trainable adapter tensors (LoRA A and B, routers), keyed by their names in the model."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if any(part in name.split(".") for part in ("lora_A", "lora_B", "router"))}
