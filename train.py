@@ -182,6 +182,7 @@ def main(args):
 
     # 5. fine-tune on the mixture of tasks
     t0 = time.time()
+    tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = random.Random(f"finetune-{args.seed}")
     history = []
