@@ -86,7 +86,7 @@ def get_batch(tasks, batch_size, rng, split="train"):
     return encode([sample(rng.choice(tasks), rng, split) for _ in range(batch_size)])
 
 
-def eval_set(task, n, seed):
+def eval_set(task, n, seed=0):
     """n distinct held-out (prompt, answer) pairs of `task`, the same for the same seed."""
     rng, seen = random.Random(f"eval-{task}-{seed}"), {}
     while len(seen) < n:

@@ -8,6 +8,7 @@ Read top to bottom, smallest piece first:
   3. GPT                  a tiny transformer with separate q, k, v, o projections
   4. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
   5. allocate_experts     per-task votes that spend exactly `budget` experts
+     allocate_uniform, allocate_mola, allocate_alpha, allocate_random: the peers' rules
   6. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
 
 Run `python train.py --budget 16` to watch every step, `pytest test_smoe.py` for the proof.
@@ -20,9 +21,12 @@ References:
   [2] Hu et al. LoRA: Low-Rank Adaptation of Large Language Models. arXiv 2106.09685.
   [3] Fedus, Zoph, Shazeer. Switch Transformers. arXiv 2101.03961.
   [4] Jiang et al. Mixtral of Experts. arXiv 2401.04088.
+  [5] Gao et al. Higher Layers Need More LoRA Experts (MoLA). arXiv 2402.08562.
+  [6] Qing et al. AlphaLoRA: Assigning LoRA Experts Based on Layer Training Quality. arXiv 2410.10054.
 """
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -315,6 +319,105 @@ def allocate_experts(sensitivity, budget):
         for m in ranked[:votes]:
             counts[m] += 1
     return counts
+
+# -----------------------------------------------------------------------------
+# Baseline allocations (the peers), each spending the same budget
+
+
+def allocate_uniform(module_names, budget):
+    """The same count on every module: budget / M each. budget == M is plain LoRA.
+    Example: 8 modules, budget 16 -> 2 experts each; budget 12 is an error (valid: 8, 16)."""
+    M = len(module_names)
+    if budget < 1 or budget % M:
+        lower, upper = max(M, budget // M * M), (budget // M + 1) * M
+        nearest = f"{lower} or {upper}" if lower != upper else f"{upper}"
+        raise ValueError(f"uniform allocation needs a budget that is a multiple of the {M} candidate matrices, "
+                         f"got {budget}; nearest valid budgets: {nearest}")
+    return {m: budget // M for m in module_names}
+
+
+def apportion(weights, budget):
+    """Split `budget` into whole counts proportional to `weights` ({name: weight > 0}), summing exactly
+    to the budget (largest remainder method). Leftover units go to the largest remainders; ties to
+    the larger weight, then to the later name, so deeper layers win ties.
+    Example: weights {"a": 1, "b": 2, "c": 3}, budget 4: quotas 0.67, 1.33, 2.0 -> floors 0, 1, 2,
+    one unit left for the largest remainder (a, 0.67): {"a": 1, "b": 1, "c": 2}."""
+    names = list(weights)
+    total = sum(weights.values())
+    quotas = {m: budget * weights[m] / total for m in names}
+    counts = {m: math.floor(quotas[m]) for m in names}
+    order = sorted(range(len(names)), key=lambda i: (-(quotas[names[i]] - counts[names[i]]), -weights[names[i]], -i))
+    for i in order[:budget - sum(counts.values())]:
+        counts[names[i]] += 1
+    return counts
+
+
+def layer_index(name):
+    """The layer a module belongs to: the first all-digit part of its name ("layers.3.attn.q_proj" -> 3)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"cannot tell which layer {name!r} is in: its name has no numeric part")
+
+
+def allocate_mola(module_names, budget):
+    """MoLA [5]: "higher layers need more LoRA experts". MoLA's 2, 4, 6, 8 experts for the four
+    quarters of the layers, every matrix in a layer sharing its layer's count, scaled to the budget:
+    each module gets weight 2 * (quarter + 1), and `apportion` spends the budget exactly, so the
+    counts never decrease with depth. Example: 4 layers x (q, k, v, o), budget 16: quotas per matrix
+    0.4, 0.8, 1.2, 1.6 by layer, floors 0, 0, 1, 1 (8 experts), the 8 left go to the largest
+    remainders (layer 1's 0.8, layer 3's 0.6): 0, 1, 1, 2 experts per matrix by layer."""
+    layers = sorted({layer_index(m) for m in module_names})
+    quarter = {layer: 4 * i // len(layers) for i, layer in enumerate(layers)}  # 0..3, by depth
+    return apportion({m: 2 * (quarter[layer_index(m)] + 1) for m in module_names}, budget)
+
+
+def powerlaw_alpha(weight):
+    """Heavy-tail exponent of a weight matrix's eigenvalue spectrum (AlphaLoRA [6], after
+    Martin & Mahoney's heavy-tailed self-regularisation and Clauset et al.'s power-law fit).
+
+    lambda = sigma(W)^2 sorted ascending. For each candidate x_min = lambda_i (all but the largest)
+    the Hill estimator gives alpha_i = 1 + n / sum_{j >= i} ln(lambda_j / lambda_i), n = tail size,
+    and the Kolmogorov-Smirnov distance D_i = max_j |F_fit(lambda_j) - j / n| compares the fitted
+    power-law CDF F_fit(x) = 1 - (x / x_min)^(1 - alpha_i) with the tail's empirical CDF.
+    Returns the alpha_i with the smallest D_i. A smaller alpha means a heavier tail: a better-trained matrix.
+    """
+    eigs = torch.linalg.svdvals(weight.detach().double()).pow(2).sort().values  # (n_eigs,) ascending
+    eigs = eigs[eigs > eigs[-1] * 1e-12]  # drop numerically zero eigenvalues
+    best_D, best_alpha = math.inf, math.nan
+    for i in range(len(eigs) - 1):
+        tail = eigs[i:]                                              # (n,)
+        n = len(tail)
+        log_sum = torch.log(tail / eigs[i]).sum()
+        if log_sum <= 0:
+            continue  # all-equal tail: no power law to fit
+        alpha = 1 + n / log_sum
+        fit_cdf = 1 - (tail / eigs[i]).pow(1 - alpha)                # (n,)
+        D = (fit_cdf - torch.arange(n, dtype=tail.dtype) / n).abs().max().item()
+        if D < best_D:
+            best_D, best_alpha = D, alpha.item()
+    return best_alpha
+
+
+def allocate_alpha(model, module_names, budget, beta=2.5):
+    """AlphaLoRA [6], training-free: a layer's score is the mean powerlaw_alpha of its candidate
+    matrices; each matrix gets weight alpha_layer ** beta (beta = 2.5, the paper's default), and
+    `apportion` spends the budget exactly. A larger alpha (a less well-trained layer) gets more experts.
+    Returns (allocation, {layer: alpha})."""
+    alphas = {m: powerlaw_alpha(model.get_submodule(m).weight) for m in module_names}
+    layer_alpha = {}
+    for layer in sorted({layer_index(m) for m in module_names}):
+        in_layer = [alphas[m] for m in module_names if layer_index(m) == layer]
+        layer_alpha[layer] = sum(in_layer) / len(in_layer)
+    return apportion({m: layer_alpha[layer_index(m)] ** beta for m in module_names}, budget), layer_alpha
+
+
+def allocate_random(allocation, seed):
+    """A control: the same counts as `allocation`, shuffled across its modules with random.Random(seed).
+    Is the sensitivity signal better than chance?"""
+    counts = list(allocation.values())
+    random.Random(seed).shuffle(counts)
+    return dict(zip(allocation, counts))
 
 # -----------------------------------------------------------------------------
 # Applying an allocation to a model

@@ -19,8 +19,9 @@ import torch.nn as nn
 
 import data
 import train
-from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state_dict, allocate_experts, apply_lora_moe,
-                  candidate_names, compute_sensitivity, load_balancing_loss, moe_aux_loss)
+from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state_dict, allocate_alpha, allocate_experts,
+                  allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion, candidate_names,
+                  compute_sensitivity, layer_index, load_balancing_loss, moe_aux_loss, powerlaw_alpha)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -282,6 +283,115 @@ def test_allocation_rejects_budgets_out_of_range(budget):
         allocate_experts(scores, budget)
 
 # -----------------------------------------------------------------------------
+# The peers' allocation rules
+
+
+def test_uniform_allocation_and_its_budget_error():
+    names = [f"layers.{i}.attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")]
+    assert allocate_uniform(names, 8) == {n: 1 for n in names}  # budget = M: plain LoRA
+    assert allocate_uniform(names, 24) == {n: 3 for n in names}
+    with pytest.raises(ValueError, match="nearest valid budgets: 16 or 24"):
+        allocate_uniform(names, 20)
+    with pytest.raises(ValueError, match="nearest valid budgets: 8$"):
+        allocate_uniform(names, 5)
+
+
+def test_apportion_is_exact_and_within_one_of_the_quota():
+    assert apportion({"a": 1, "b": 2, "c": 3}, 4) == {"a": 1, "b": 1, "c": 2}  # worked in the docstring
+    rng = random.Random(0)
+    for _ in range(200):
+        weights = {f"m{i}": rng.choice([rng.uniform(0.1, 5), 1.0]) for i in range(rng.randint(1, 12))}
+        budget = rng.randint(1, 50)
+        counts = apportion(weights, budget)
+        assert sum(counts.values()) == budget and counts == apportion(weights, budget)
+        for m, w in weights.items():
+            assert abs(counts[m] - budget * w / sum(weights.values())) < 1  # largest remainder never misses by 1
+
+
+def test_mola_worked_example_and_non_decreasing_with_depth():
+    names = [f"layers.{i}.attn.{m}" for i in range(4) for m in TARGETS]
+    counts = allocate_mola(names, 16)
+    assert [counts[f"layers.{i}.attn.q_proj"] for i in range(4)] == [0, 1, 1, 2]  # 2:4:6:8 scaled, see docstring
+    assert all(counts[n] == counts[f"layers.{layer_index(n)}.attn.q_proj"] for n in names)
+    for n_layers in (2, 4, 6, 8, 32):
+        names = [f"blocks.{i}.{m}" for i in range(n_layers) for m in ("q", "v", "up")]
+        for budget in range(1, 4 * len(names) + 1, 3):
+            counts = allocate_mola(names, budget)
+            assert sum(counts.values()) == budget and counts == allocate_mola(names, budget)
+            per_layer = [[counts[f"blocks.{i}.{m}"] for m in ("q", "v", "up")] for i in range(n_layers)]
+            assert all(max(row) - min(row) <= 1 for row in per_layer)  # a layer's matrices share its count
+            assert all(max(a) <= min(b) for a, b in zip(per_layer, per_layer[1:])), (n_layers, budget, per_layer)
+
+
+def spectrum_matrix(mu, n=400, seed=0):
+    """A matrix whose eigenvalues sigma^2 are drawn from a Pareto density p(x) ~ x^-mu, x >= 1."""
+    g = torch.Generator().manual_seed(seed)
+    eigs = torch.rand(n, generator=g, dtype=torch.double).pow(-1 / (mu - 1))  # inverse-CDF sampling
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.double))
+    return q * eigs.sqrt()  # singular values sqrt(eigs)
+
+
+@pytest.mark.parametrize("mu", [1.5, 2.5, 4.0])
+def test_powerlaw_alpha_recovers_a_known_exponent(mu):
+    assert abs(powerlaw_alpha(spectrum_matrix(mu)) - mu) < 0.25 * mu ** 0.5
+
+
+def test_alpha_allocation_gives_more_where_alpha_is_larger():
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS)
+    with torch.no_grad():
+        for name in names:  # layer 0 heavy-tailed (small alpha), layer 1 light-tailed (large alpha)
+            mu = 1.8 if layer_index(name) == 0 else 5.0
+            model.get_submodule(name).weight.copy_(spectrum_matrix(mu, n=16, seed=len(name))[:16, :16])
+    counts, alphas = allocate_alpha(model, names, 12)
+    assert alphas[0] < alphas[1]
+    assert sum(counts.values()) == 12 and allocate_alpha(model, names, 12)[0] == counts
+    assert min(counts[n] for n in names if layer_index(n) == 1) >= max(counts[n] for n in names if layer_index(n) == 0)
+    expected = apportion({n: alphas[layer_index(n)] ** 2.5 for n in names}, 12)  # n_l proportional to alpha^2.5
+    assert counts == expected
+
+
+def test_random_allocation_shuffles_the_same_counts():
+    allocation = {f"m{i}": n for i, n in enumerate([0, 4, 3, 0, 1, 0, 2, 2])}
+    shuffled = allocate_random(allocation, seed=1)
+    assert list(shuffled) == list(allocation)
+    assert sorted(shuffled.values()) == sorted(allocation.values())
+    assert shuffled == allocate_random(allocation, seed=1)
+    assert any(allocate_random(allocation, seed=s) != allocation for s in range(3))
+
+
+def test_layer_index_reads_the_first_numeric_part():
+    assert layer_index("layers.3.attn.q_proj") == 3
+    assert layer_index("encoder.layers.10.linear1") == 10
+    with pytest.raises(ValueError, match="no numeric part"):
+        layer_index("lm_head")
+
+
+@pytest.mark.parametrize("rule", ["sensitivity", "uniform", "mola", "alpha", "random"])
+def test_every_rule_runs_from_train_py(rule, tmp_path):
+    args = train.parse_args(["--alloc", rule, "--budget", "16", "--pretrain-steps", "3", "--steps", "2",
+                             "--batch-size", "4", "--sens-batches", "1", "--eval-examples", "2",
+                             "--device", "cpu", "--out", str(tmp_path / rule), "--cache", str(tmp_path)])
+    results = train.main(args)
+    assert sum(results["allocation"].values()) == 16
+    if rule == "uniform":
+        assert set(results["allocation"].values()) == {1}
+    assert json.loads((tmp_path / rule / "allocation.json").read_text()) == {
+        m: n for m, n in results["allocation"].items() if n > 0}
+
+
+def test_spearman_of_the_comparison_matches_the_textbook_formula():
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    from compare import overlap, spearman
+    rng = random.Random(0)
+    a, b = rng.sample(range(100), 12), rng.sample(range(100), 12)
+    rank = lambda v: [sorted(v).index(x) + 1 for x in v]  # noqa: E731  no ties here
+    d2 = sum((x - y) ** 2 for x, y in zip(rank(a), rank(b)))
+    assert math.isclose(spearman(a, b), 1 - 6 * d2 / (12 * (12 ** 2 - 1)))  # rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert math.isclose(spearman([1, 2, 2, 3], [1, 2, 2, 3]), 1.0)
+    assert overlap({"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 1, "c": 1}) == 2 / 3
+
+# -----------------------------------------------------------------------------
 # Applying an allocation, and training
 
 
@@ -392,6 +502,8 @@ def test_batch_masks_the_prompt():
     (["--lr", "nan"], "--lr: expected a number > 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
     (["--targets", "q_proj,w_proj"], "--targets must name distinct matrices"),
+    (["--alloc", "uniform", "--budget", "20"], "nearest valid budgets: 16 or 32"),
+    (["--alloc", "greedy"], "--alloc: invalid choice"),
 ])
 def test_bad_arguments_give_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -30,10 +30,12 @@ import torch
 from tqdm import tqdm
 
 import data
-from smoe import (GPT, GPTConfig, adapter_state_dict, allocate_experts, apply_lora_moe, candidate_names,
-                  compute_sensitivity, moe_aux_loss, moe_layers)
+from smoe import (GPT, GPTConfig, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
+                  allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
+                  moe_aux_loss, moe_layers)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
+ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --alloc may name
 
 # -----------------------------------------------------------------------------
 # Evaluation and reporting helpers
@@ -108,41 +110,50 @@ def peak_memory_mb(device):
 # -----------------------------------------------------------------------------
 
 
-def main(args):
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    tasks = list(data.TASKS)
-    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
-    eval_sets = {t: data.eval_set(t, args.eval_examples, args.seed) for t in tasks}
-    times = {}
-    tqdm.write(f"device {device}, tasks {', '.join(tasks)}, budget {args.budget}, seed {args.seed}")
-
-    # 1. pretrain the base model on copy, or load it from the cache keyed by its settings
-    t0 = time.time()
+def pretrained_base(args, cfg, device):
+    """Phase 1: the base model pretrained on copy, loaded from the cache in --cache when it exists.
+    The cache file is named by a hash of everything that shapes the base: model configuration,
+    a fingerprint of the data, base seed and pretraining settings."""
     fingerprint = [data.sample("copy", random.Random(i), "train") for i in range(32)]  # changes if data.py does
-    key = {"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.seed,
+    key = {"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
            "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}
-    cache = os.path.join(args.out, f"base-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
+    cache = os.path.join(args.cache, f"base-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
+    torch.manual_seed(args.base_seed)
     model = GPT(cfg).to(device)
     if os.path.exists(cache):
         model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
         tqdm.write(f"1. loaded the pretrained base model from {cache}")
-    else:
-        tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache})")
-        rng = random.Random(f"pretrain-{args.seed}")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
-        pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
-        for step in pbar:
-            x, y = data.get_batch(["copy"], args.batch_size, rng)
-            _, loss = model(x.to(device), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 25 == 0 or step == args.pretrain_steps - 1:
-                pbar.set_postfix(loss=f"{loss.item():.3f}")
-        write_atomic(cache, lambda p: torch.save(model.state_dict(), p))
+        return model
+    tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache})")
+    rng = random.Random(f"pretrain-{args.base_seed}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
+    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
+    for step in pbar:
+        x, y = data.get_batch(["copy"], args.batch_size, rng)
+        _, loss = model(x.to(device), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == args.pretrain_steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.3f}")
+    write_atomic(cache, lambda p: torch.save(model.state_dict(), p))
+    return model
+
+
+def main(args):
+    device = torch.device(args.device)
+    tasks = list(data.TASKS)
+    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
+    eval_sets = {t: data.eval_set(t, args.eval_examples) for t in tasks}  # the same held-out set for every seed
+    times = {}
+    tqdm.write(f"device {device}, tasks {', '.join(tasks)}, budget {args.budget}, allocation rule {args.alloc}, seed {args.seed}")
+
+    # 1. pretrain the base model on copy, or load it from the cache keyed by its settings
+    t0 = time.time()
+    model = pretrained_base(args, cfg, device)
+    torch.manual_seed(args.seed)  # everything from here on (sampling, adapter initialisation) follows --seed
     base_acc = evaluate(model, eval_sets, device)
-    base_copy = evaluate(model, {"copy": data.eval_set("copy", args.eval_examples, args.seed)}, device)["copy"]
+    base_copy = evaluate(model, {"copy": data.eval_set("copy", args.eval_examples)}, device)["copy"]
     tqdm.write(f"   base model: copy {base_copy:.2f} (its pretraining task); "
                + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
     times["pretrain"] = time.time() - t0
@@ -164,9 +175,19 @@ def main(args):
     pbar.close()
     times["sensitivity"] = time.time() - t0
 
-    # 3. allocate the budget by per-task votes; allocation.json keeps the released code's format (no zeros)
-    allocation = allocate_experts(sensitivity, args.budget)
-    tqdm.write(f"3. allocation of {args.budget} experts over {len(candidates)} candidate matrices (experts per matrix):")
+    # 3. allocate the budget: LoRA-SMoE's per-task votes, or one of the peers' rules for comparison
+    if args.alloc == "sensitivity":
+        allocation = allocate_experts(sensitivity, args.budget)
+    elif args.alloc == "uniform":
+        allocation = allocate_uniform(candidates, args.budget)
+    elif args.alloc == "mola":
+        allocation = allocate_mola(candidates, args.budget)
+    elif args.alloc == "alpha":
+        allocation, layer_alpha = allocate_alpha(model, candidates, args.budget)
+        tqdm.write("   power-law alpha per layer: " + ", ".join(f"{l}: {a:.2f}" for l, a in layer_alpha.items()))
+    elif args.alloc == "random":
+        allocation = allocate_random(allocate_experts(sensitivity, args.budget), args.seed)
+    tqdm.write(f"3. {args.alloc} allocation of {args.budget} experts over {len(candidates)} candidate matrices (experts per matrix):")
     tqdm.write(allocation_table(allocation, cfg.n_layer, args.targets))
     nonzero = {name: n for name, n in allocation.items() if n > 0}
     write_atomic(os.path.join(args.out, "allocation.json"),
@@ -262,6 +283,10 @@ def parse_args(argv=None):
     p = Parser(description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
     p.add_argument("--budget", type=number(int, 1), default=16,
                    help="total experts to spend over the candidate matrices, 1..tasks x candidates (default 16 = one per candidate, plain LoRA's count)")
+    p.add_argument("--alloc", choices=ALLOC_RULES, default="sensitivity",
+                   help="how to spend the budget: sensitivity (LoRA-SMoE), uniform (same count everywhere; budget = "
+                        "number of candidates is plain LoRA), mola (more in higher layers), alpha (AlphaLoRA, "
+                        "from weight spectra), random (sensitivity counts shuffled); default sensitivity")
     p.add_argument("--top-k", type=number(int, 1), default=2, help="experts each token uses per matrix, clamped to the matrix's count (default 2)")
     p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank r of every expert (default 8)")
     p.add_argument("--alpha", type=number(float, 0, inclusive=False), default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
@@ -278,9 +303,11 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-lr", type=number(float, 0, inclusive=False), default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every this many steps, and at the end (default 1000)")
     p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task (default 200)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for data, initialisation and sampling (default 0)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for sampling, adapter initialisation and fine-tuning (default 0)")
+    p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base model (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", default="out", help="output folder (default out)")
+    p.add_argument("--cache", default=None, help="folder of the pretrained-base cache (default: the output folder)")
     args = p.parse_args(argv)
 
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -291,6 +318,11 @@ def parse_args(argv=None):
     if args.budget > n_tasks * n_candidates:
         p.error(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
                 f"{n_tasks} x {n_candidates}), got {args.budget}")
+    if args.alloc == "uniform":
+        try:
+            allocate_uniform(range(n_candidates), args.budget)
+        except ValueError as e:
+            p.error(f"--budget: {e}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -303,14 +335,16 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} is a file; give a folder to write results into")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {args.out!r} cannot be created ({e.strerror}); give a writable folder")
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        p.error(f"--out {args.out!r} is not writable; give a writable folder")
+    args.cache = args.cache or args.out
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            p.error(f"{flag} {folder!r} is a file; give a folder to write into")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            p.error(f"{flag} {folder!r} cannot be created ({e.strerror}); give a writable folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            p.error(f"{flag} {folder!r} is not writable; give a writable folder")
     return args
 
 
