@@ -588,3 +588,33 @@ def test_train_py_end_to_end_with_tiny_settings(tmp_path):
     assert json.loads((tmp_path / "allocation.json").read_text()) == allocation
     assert not list(tmp_path.glob("*.tmp"))
 
+
+def test_train_py_under_torchrun_with_two_processes(tmp_path):
+    """Two CPU processes (gloo): rank 0 alone prints and writes, and the allocation comes from
+    both ranks' sensitivity scores summed, recomputed here from the cached base model."""
+    tiny = ["--pretrain-steps", "20", "--steps", "10", "--batch-size", "8", "--sens-batches", "1",
+            "--eval-examples", "5", "--eval-every", "5", "--budget", "7", "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train.py"), *tiny], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("torchrun: 2 processes (gloo)") == 1
+    assert proc.stdout.count("wrote allocation.json, results.json and adapter.pt") == 1
+    (cache,) = tmp_path.glob("base-*.pt")  # pretrained once, by rank 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter.pt", "allocation.json", "results.json", cache.name])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and len(results["history"]) == 2
+
+    # reference: rank r samples its batches as a single process with seed r would; the scores add up
+    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    model.load_state_dict(torch.load(cache, weights_only=True))
+    names = candidate_names(model, TARGETS)
+    per_rank = [compute_sensitivity(model, task_batches(data.TASKS, 1, seed=f"sensitivity-{r}"), lm_loss, names)
+                for r in range(2)]
+    assert per_rank[0] != per_rank[1]  # the two ranks scored different batches
+    summed = {t: {n: per_rank[0][t][n] + per_rank[1][t][n] for n in names} for t in data.TASKS}
+    for t in data.TASKS:
+        for n in names:
+            assert math.isclose(results["sensitivity"][t][n], summed[t][n], rel_tol=1e-4), (t, n)
+    expected = allocate_experts(summed, 7)
+    assert results["allocation"] == expected  # every rank checked its own against rank 0's before training
+    assert json.loads((tmp_path / "allocation.json").read_text()) == {n: c for n, c in expected.items() if c > 0}

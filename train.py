@@ -9,6 +9,7 @@ LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
   6. report held-out exact match, routing statistics, times and memory
 
 Run:  python train.py --budget 16        (python train.py --help for every flag)
+      torchrun --nproc_per_node=N train.py --budget 16   (N processes, DistributedDataParallel)
 Writes to --out: allocation.json, results.json, adapter.pt and the cached base model.
 
 References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
@@ -27,10 +28,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from smoe import (GPT, GPTConfig, adapter_state_dict, allocate_experts, apply_lora_moe, candidate_names,
+from smoe import (GPT, GPTConfig, adapter_state, allocate_experts, apply_lora_moe, candidate_names,
                   compute_sensitivity, moe_aux_loss, moe_layers)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
@@ -94,7 +97,10 @@ def allocation_table(allocation, n_layer, targets):
 
 
 def write_atomic(path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file.
+    Under torchrun only rank 0 writes; the other ranks hold the same results."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
@@ -110,6 +116,18 @@ def peak_memory_mb(device):
 
 def main(args):
     device = torch.device(args.device)
+    # [ddp] under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) run one process per device, as nanoGPT does
+    ddp = "RANK" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")  # only rank 0 prints; bars are off there too, and write_atomic skips
+        tqdm.write(f"torchrun: {world_size} processes ({dist.get_backend()}), each sampling its own batches of "
+                   f"{args.batch_size}; sensitivity sums the scores of every rank's batches")
     torch.manual_seed(args.seed)
     tasks = list(data.TASKS)
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
@@ -124,6 +142,8 @@ def main(args):
            "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}
     cache = os.path.join(args.out, f"base-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
     model = GPT(cfg).to(device)
+    if ddp and rank > 0:
+        dist.barrier()  # [ddp] wait until rank 0 has pretrained the base model and cached it, then load it
     if os.path.exists(cache):
         model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
         tqdm.write(f"1. loaded the pretrained base model from {cache}")
@@ -131,7 +151,7 @@ def main(args):
         tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache})")
         rng = random.Random(f"pretrain-{args.seed}")
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
-        pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
+        pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True, disable=rank > 0)
         for step in pbar:
             x, y = data.get_batch(["copy"], args.batch_size, rng)
             _, loss = model(x.to(device), y.to(device))
@@ -141,6 +161,8 @@ def main(args):
             if step % 25 == 0 or step == args.pretrain_steps - 1:
                 pbar.set_postfix(loss=f"{loss.item():.3f}")
         write_atomic(cache, lambda p: torch.save(model.state_dict(), p))
+    if ddp and rank == 0:
+        dist.barrier()  # [ddp] the cache is on disk: let the other ranks go on
     base_acc = evaluate(model, eval_sets, device)
     base_copy = evaluate(model, {"copy": data.eval_set("copy", args.eval_examples, args.seed)}, device)["copy"]
     tqdm.write(f"   base model: copy {base_copy:.2f} (its pretraining task); "
@@ -151,9 +173,9 @@ def main(args):
     t0 = time.time()
     candidates = candidate_names(model, args.targets)
     tqdm.write(f"2. sensitivity of {len(candidates)} candidate matrices to each task, {args.sens_batches} batches per task")
-    rng = random.Random(f"sensitivity-{args.seed}")
+    rng = random.Random(f"sensitivity-{args.seed + rank}")  # [ddp] rank r samples like seed + r; rank 0 as a single process
     task_batches = {t: [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)] for t in tasks}
-    pbar = tqdm(total=len(tasks) * args.sens_batches, desc="sensitivity", dynamic_ncols=True)
+    pbar = tqdm(total=len(tasks) * args.sens_batches, desc="sensitivity", dynamic_ncols=True, disable=rank > 0)
 
     def loss_fn(model, batch):
         pbar.update()
@@ -162,10 +184,19 @@ def main(args):
 
     sensitivity = compute_sensitivity(model, task_batches, loss_fn, candidates, reduction=args.sens_reduction)
     pbar.close()
+    if ddp:  # [ddp] sum the scores over the ranks' batches, so that every rank computes the same allocation
+        scores = torch.tensor([[s[m] for m in candidates] for s in sensitivity.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(scores)  # (tasks, candidates), summed in place
+        sensitivity = {t: dict(zip(candidates, row)) for t, row in zip(sensitivity, scores.tolist())}
     times["sensitivity"] = time.time() - t0
 
     # 3. allocate the budget by per-task votes; allocation.json keeps the released code's format (no zeros)
     allocation = allocate_experts(sensitivity, args.budget)
+    if ddp:  # [ddp] fail loudly if any rank reached a different allocation
+        allocations = [None] * world_size
+        dist.all_gather_object(allocations, allocation)
+        if any(a != allocation for a in allocations):
+            raise RuntimeError(f"ranks disagree on the allocation: {allocations}")
     tqdm.write(f"3. allocation of {args.budget} experts over {len(candidates)} candidate matrices (experts per matrix):")
     tqdm.write(allocation_table(allocation, cfg.n_layer, args.targets))
     nonzero = {name: n for name, n in allocation.items() if n > 0}
@@ -183,10 +214,12 @@ def main(args):
     # 5. fine-tune on the mixture of tasks
     t0 = time.time()
     tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux")
+    if ddp:  # [ddp] average the adapter gradients over the ranks in backward; an expert without tokens gets zeros
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rng = random.Random(f"finetune-{args.seed}")
+    rng = random.Random(f"finetune-{args.seed + rank}")  # [ddp] each rank its own batches
     history = []
-    pbar = tqdm(range(args.steps), desc="fine-tune", dynamic_ncols=True)
+    pbar = tqdm(range(args.steps), desc="fine-tune", dynamic_ncols=True, disable=rank > 0)
     for step in pbar:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine decay to 0
         for group in optimizer.param_groups:
@@ -206,6 +239,8 @@ def main(args):
             tqdm.write(f"   step {step + 1}: ce {ce.item():.3f} aux {aux.item():.3f} exact match "
                        + " ".join(f"{t} {a:.2f}" for t, a in acc.items()) + f" mean {sum(acc.values()) / len(acc):.3f}")
     times["finetune"] = time.time() - t0
+    if ddp:
+        model = model.module  # [ddp] unwrap for reporting and saving
 
     # 6. report and save
     final_acc = history[-1]["accuracy"]
@@ -223,16 +258,18 @@ def main(args):
     memory = peak_memory_mb(device)
     tqdm.write("   time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
                + f"; peak memory {memory:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    results = {"config": vars(args), "allocation": allocation, "parameters": {"total": n_total, "trainable": n_trainable,
-               "plain_lora_all_candidates": n_lora}, "sensitivity": sensitivity, "base_accuracy": base_acc,
+    results = {"config": vars(args), "world_size": world_size, "allocation": allocation,
+               "parameters": {"total": n_total, "trainable": n_trainable, "plain_lora_all_candidates": n_lora},
+               "sensitivity": sensitivity, "base_accuracy": base_acc,
                "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history,
                "routing": routing, "times_s": times, "peak_memory_mb": memory}
     write_atomic(os.path.join(args.out, "results.json"),
                  lambda p: open(p, "w").write(json.dumps(results, indent=2) + "\n"))
-    adapter = {"adapter": adapter_state_dict(model), "allocation": nonzero, "model_config": dataclasses.asdict(cfg),
-               "lora": {"r": args.rank, "lora_alpha": args.alpha, "top_k": args.top_k}}
+    adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # smoe.load_adapter(GPT(cfg), adapter) restores it
     write_atomic(os.path.join(args.out, "adapter.pt"), lambda p: torch.save(adapter, p))
     tqdm.write(f"   wrote allocation.json, results.json and adapter.pt to {args.out}")
+    if ddp:
+        dist.destroy_process_group()  # [ddp]
     return results
 
 # -----------------------------------------------------------------------------
@@ -303,6 +340,8 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
+    if device.type == "mps" and "RANK" in os.environ:
+        p.error("--device mps cannot run under torchrun (its gloo and nccl backends need cpu or cuda)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a file; give a folder to write results into")
     try:
