@@ -6,10 +6,14 @@ Read top to bottom, smallest piece first:
   1. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
   2. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
   3. GPT                  a tiny transformer with separate q, k, v, o projections
-  4. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
-  5. allocate_experts     per-task votes that spend exactly `budget` experts
+  4. candidate_names      pick the candidate nn.Linear modules of any model by name or pattern
+  5. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
+  6. allocate_experts     per-task votes that spend exactly `budget` experts
      allocate_uniform, allocate_mola, allocate_alpha, allocate_random: the peers' rules
-  6. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
+  7. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
+  8. adapter_state        the trained adapter on its own (load_adapter puts it back)
+
+Only GPT is specific to the toy: steps 4 to 8 take any nn.Module and a loss function.
 
 Run `python train.py --budget 16` to watch every step, `pytest test_smoe.py` for the proof.
 
@@ -25,8 +29,10 @@ References:
   [6] Qing et al. AlphaLoRA: Assigning LoRA Experts Based on Layer Training Quality. arXiv 2410.10054.
 """
 
+import fnmatch
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +92,8 @@ class LoRAMoELinear(nn.Module):
             self.aux_loss = load_balancing_loss(logits, self.top_k)
             self.expert_counts = torch.zeros(E, device=x.device).index_add_(
                 0, top_idx.flatten(), torch.ones(top_idx.numel(), device=x.device)).detach()  # (E,)
-        B_all = self.lora_B.permute(1, 0, 2).reshape(O, E * r)          # (out, E*r) = [B_1 | B_2 | ... | B_E]
+        # cat rather than permute + reshape: lora_B's gradient then comes back contiguous, as DDP's buckets expect
+        B_all = torch.cat(list(self.lora_B), dim=1)                   # (out, E*r) = [B_1 | B_2 | ... | B_E]
         delta = h @ B_all.t()                                         # (N, out)
         return y + self.scaling * delta.view(*x.shape[:-1], O)        # base(x) + scaling * B(A(x))
 
@@ -222,12 +229,32 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
+# -----------------------------------------------------------------------------
+# Candidate matrices: the nn.Linear modules of any model, picked by name
+
 
 def candidate_names(model, targets):
-    """Qualified names of the nn.Linear modules whose last name part is in `targets`,
-    in module order, e.g. targets ("q_proj", "v_proj") -> ["layers.0.attn.q_proj", ...]."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    """Qualified names of the nn.Linear modules that match any of `targets`, in module order.
+
+    A target matches a module whose qualified name equals it or ends with "." + target
+    (PEFT's rule for target_modules), and may use fnmatch wildcards: * (which also
+    spans dots), ? and [...]. So for the tiny GPT "q_proj" matches every
+    "layers.{i}.attn.q_proj", "layers.0.attn.*" the four projections of layer 0 and
+    "layers.[01].mlp.up_proj" the first two up-projections; for PyTorch's
+    nn.TransformerEncoder "linear1" matches "layers.{i}.linear1". A target that matches
+    no nn.Linear is an error, so a typo never silently picks nothing. (Matching is not
+    wrapping: apply_lora_moe refuses modules whose parent never calls them.)
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("no targets given; name the nn.Linear modules to adapt, e.g. ['q_proj', 'v_proj']")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    matches = {t: {n for n in linears if fnmatch.fnmatchcase(n, t) or fnmatch.fnmatchcase(n, "*." + t)} for t in targets}
+    unmatched = [t for t, names in matches.items() if not names]
+    if unmatched:
+        raise ValueError(f"target(s) {', '.join(unmatched)} match no nn.Linear module; this model's nn.Linear modules "
+                         f"are {', '.join(linears[:6])}{', ...' if len(linears) > 6 else ''}")
+    return [n for n in linears if any(n in names for names in matches.values())]
 
 # -----------------------------------------------------------------------------
 # Sensitivity: S_t(W_m) = sum over sampled batches b of task t of ||dL_t(b)/dW_m||_F^2   ([1] sec. 3.1)
@@ -426,7 +453,16 @@ def allocate_random(allocation, seed):
 def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
     """Replace each nn.Linear named in `allocation` with count >= 1 by a LoRAMoELinear
     with that many experts; freeze every other parameter. Modifies and returns `model`.
-    A module with count 0 gets no adapter at all and stays frozen."""
+    A module with count 0 gets no adapter at all and stays frozen.
+
+    The wrapper works only where the parent calls the module, `self.proj(x)`. PyTorch's
+    nn.MultiheadAttention does not: it hands out_proj.weight to F.multi_head_attention_forward
+    (and keeps q, k, v in one in_proj_weight, not in nn.Linear modules), so an adapter on
+    its out_proj would never run; that is refused. nn.TransformerEncoderLayer calls
+    linear1 and linear2 in training, but its inference fast path (eval mode, no
+    gradients) reads their weights directly and fails on a wrapped layer; that gives a
+    warning saying how to turn the fast path off.
+    """
     for name, n in allocation.items():
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"expert count for {name!r} must be a whole number >= 0, got {n!r}")
@@ -434,18 +470,74 @@ def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"allocation names {name!r}, which is not a module of this model") from None
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"allocation names {name!r}, a {type(module).__name__}; only nn.Linear can take experts")
+        if not isinstance(module, nn.Linear) or not name:
+            raise ValueError(f"allocation names {name!r}, a {type(module).__name__}; "
+                             "only nn.Linear modules inside the model can take experts")
+        if n >= 1 and isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            raise ValueError(f"allocation names {name!r}, the out_proj of an nn.MultiheadAttention, which reads "
+                             "out_proj.weight directly instead of calling it, so an adapter there would never run; "
+                             "pick nn.Linear modules the model calls (e.g. linear1, linear2 of nn.TransformerEncoderLayer)")
     model.requires_grad_(False)
+    fast_path = []  # wrapped modules that nn.TransformerEncoderLayer's inference fast path would read directly
     for name, n in allocation.items():
         if n >= 1:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, LoRAMoELinear(getattr(parent, child), n, r=r, lora_alpha=lora_alpha, top_k=top_k))
+            if isinstance(parent, nn.TransformerEncoderLayer):
+                fast_path.append(name)
+    if fast_path and torch.backends.mha.get_fastpath_enabled():
+        warnings.warn(f"{', '.join(fast_path)} sit in nn.TransformerEncoderLayer, whose inference fast path (eval mode, "
+                      "no gradients) reads their weights directly and fails on adapted layers; call "
+                      "torch.backends.mha.set_fastpath_enabled(False) before evaluating", stacklevel=2)
     return model
 
 
 def adapter_state_dict(model):
-    """The trainable adapter tensors (LoRA A and B, routers), keyed by their names in the model."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()
-            if any(part in name.split(".") for part in ("lora_A", "lora_B", "router"))}
+    """The trainable adapter tensors (LoRA A and B, routers) of every LoRAMoELinear, keyed by
+    their names in the model, e.g. "layers.0.attn.v_proj.lora_A", "layers.0.attn.v_proj.router.weight"."""
+    return {f"{name}.{key}": p.detach().clone() for name, m in moe_layers(model)
+            for key, p in m.named_parameters() if not key.startswith("base.")}
+
+
+def adapter_state(model):
+    """Everything needed to rebuild a trained adapter on a fresh copy of its base model,
+    and nothing of the base model itself, as plain data that torch.save and
+    torch.load(..., weights_only=True) handle:
+
+        {"allocation": {module name: experts}  (zero counts left out, as allocation.json),
+         "lora": {"r": r, "lora_alpha": alpha, "top_k": k},
+         "adapter": adapter_state_dict(model)  (keys follow the wrapped module names)}
+
+    top_k is the largest k any layer uses: each layer keeps min(top_k, E), and
+    rebuilding with that value gives every layer the same k again.
+    """
+    layers = [m for _, m in moe_layers(model)]
+    if not layers:
+        raise ValueError("the model has no LoRA-MoE layers; wrap it with apply_lora_moe first")
+    if len({(m.r, m.lora_alpha) for m in layers}) > 1:
+        raise ValueError("the LoRA-MoE layers differ in r or lora_alpha; adapter_state keeps one setting for all")
+    return {"allocation": {name: m.num_experts for name, m in moe_layers(model)},
+            "lora": {"r": layers[0].r, "lora_alpha": layers[0].lora_alpha, "top_k": max(m.top_k for m in layers)},
+            "adapter": adapter_state_dict(model)}
+
+
+def load_adapter(model, state):
+    """Rebuild an adapter saved with adapter_state on `model`, a fresh copy of the base model
+    it was trained on: wrap the allocated modules with the saved settings, then copy the
+    saved LoRA and router weights in. Modifies and returns `model`."""
+    model = apply_lora_moe(model, state["allocation"], **state["lora"])
+    params = dict(model.named_parameters())
+    expected = {name: params[name].shape for name in adapter_state_dict(model)}
+    saved = state["adapter"]
+    if set(saved) != set(expected):
+        raise ValueError(f"the saved adapter weights do not match its allocation: missing "
+                         f"{sorted(set(expected) - set(saved))}, unexpected {sorted(set(saved) - set(expected))}")
+    for name, tensor in saved.items():
+        if tensor.shape != expected[name]:
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, this model's {tuple(expected[name])}; "
+                             "was the adapter trained on another base model?")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    return model

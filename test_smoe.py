@@ -5,6 +5,8 @@ per-token loop, a formula worked by hand, or a gradient computed another way.
 Run: pytest test_smoe.py   (tiny sizes, fixed seeds, well under a minute on two CPU cores)
 """
 
+import copy
+import io
 import itertools
 import json
 import math
@@ -16,12 +18,14 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import train
-from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state_dict, allocate_alpha, allocate_experts,
-                  allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion, candidate_names,
-                  compute_sensitivity, layer_index, load_balancing_loss, moe_aux_loss, powerlaw_alpha)
+from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, adapter_state_dict, allocate_alpha,
+                  allocate_experts, allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion,
+                  candidate_names, compute_sensitivity, layer_index, load_adapter, load_balancing_loss, moe_aux_loss,
+                  powerlaw_alpha)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -461,6 +465,150 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 # -----------------------------------------------------------------------------
+# Any model: the method on a model built from PyTorch's own layers; the adapter on its own
+
+
+class EncoderClassifier(nn.Module):
+    """Not this project's model: an embedding, PyTorch's nn.TransformerEncoder and a linear head."""
+
+    def __init__(self, vocab=10, classes=8, C=16, T=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, C)
+        self.pos = nn.Parameter(0.1 * torch.randn(T, C))
+        layer = nn.TransformerEncoderLayer(C, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(C, classes)
+
+    def forward(self, x):                                   # (B, T) token ids
+        h = self.encoder(self.emb(x) + self.pos)            # (B, T, C)
+        return self.head(h.mean(dim=1))                     # (B, classes)
+
+
+def toy_batch(task, n, gen):
+    """A task token (8 or 9), then 5 digits 0..7; "max" answers the largest digit, "last" the last one."""
+    digits = torch.randint(0, 8, (n, 5), generator=gen)
+    x = torch.cat([torch.full((n, 1), 8 if task == "max" else 9), digits], dim=1)
+    return x, digits.max(dim=1).values if task == "max" else digits[:, -1]
+
+
+def classify_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def test_candidate_names_by_name_suffix_and_pattern():
+    model = tiny_gpt()  # 2 layers
+    q, up = ["layers.0.attn.q_proj", "layers.1.attn.q_proj"], ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    assert candidate_names(model, ["q_proj"]) == q
+    assert candidate_names(model, "q_proj") == q  # one name, not its characters
+    assert candidate_names(model, ["attn.q_proj", "layers.1.attn.q_proj"]) == q  # suffixes, overlaps counted once
+    assert candidate_names(model, ["layers.0.attn.*"]) == [f"layers.0.attn.{m}_proj" for m in "qkvo"]
+    assert candidate_names(model, ["layers.[01].mlp.up_proj", "lm_head"]) == up + ["lm_head"]
+    assert candidate_names(model, ["up_proj", "q_proj"]) == [q[0], up[0], q[1], up[1]]  # module order
+    assert candidate_names(model, ["*_proj"]) == [f"layers.{i}.{m}" for i in range(2) for m in
+                                                  ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                                                   "mlp.up_proj", "mlp.down_proj")]
+    for targets, message in [(["q_proj", "w_proj"], "w_proj match no nn.Linear"), (["proj"], "proj match no"),
+                             (["ln_1"], "ln_1 match no nn.Linear"), ([], "no targets")]:
+        with pytest.raises(ValueError, match=message):
+            candidate_names(model, targets)
+
+
+def test_whole_method_on_a_pytorch_transformer_encoder():
+    torch.manual_seed(0)
+    base = EncoderClassifier()
+    model = copy.deepcopy(base)
+    names = candidate_names(model, ["linear1", "linear2", "head"])
+    assert names == ["encoder.layers.0.linear1", "encoder.layers.0.linear2",
+                     "encoder.layers.1.linear1", "encoder.layers.1.linear2", "head"]
+    gen = torch.Generator().manual_seed(0)
+    batches = {t: [toy_batch(t, 16, gen) for _ in range(2)] for t in ("max", "last")}
+
+    # sensitivity equals the squared .grad of plain loss.backward() on a copy, summed over batches
+    sensitivity = compute_sensitivity(model, batches, classify_loss, names)
+    reference = copy.deepcopy(base)
+    for task, task_batches_ in batches.items():
+        expected = {name: 0.0 for name in names}
+        for batch in task_batches_:
+            reference.zero_grad()
+            classify_loss(reference, batch).backward()
+            for name in names:
+                expected[name] += reference.get_submodule(name).weight.grad.double().pow(2).sum().item()
+        for name in names:
+            assert math.isclose(sensitivity[task][name], expected[name], rel_tol=1e-5), (task, name)
+
+    # allocate 6 experts over 5 matrices and 2 tasks, wrap; the wrapped model starts equal to the base
+    allocation = allocate_experts(sensitivity, 6)
+    assert sum(allocation.values()) == 6 and max(allocation.values()) <= 2
+    with pytest.warns(UserWarning, match="set_fastpath_enabled"):  # some votes land in an encoder layer
+        apply_lora_moe(model, allocation, r=4, top_k=2)
+    for name, n in allocation.items():
+        m = model.get_submodule(name)
+        assert (type(m) is nn.Linear) if n == 0 else (isinstance(m, LoRAMoELinear) and m.num_experts == n), name
+    x = torch.cat([batches["max"][0][0], batches["last"][0][0]])
+    y = torch.cat([batches["max"][0][1], batches["last"][0][1]])
+    assert torch.equal(model(x), base(x))
+
+    # a few steps on the task mixture lower the loss and leave every base weight as it was
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(25):
+        ce = F.cross_entropy(model(x), y)
+        losses.append(ce.item())
+        optimizer.zero_grad()
+        (ce + 0.01 * moe_aux_loss(model)).backward()
+        optimizer.step()
+    assert losses[-1] < 0.7 * losses[0], losses
+    tuned = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
+    assert tuned.keys() == dict(base.named_parameters()).keys()
+    for n, p in base.named_parameters():
+        assert torch.equal(tuned[n], p), n
+
+    # the adapter alone, through torch.save, rebuilds the tuned model on a fresh copy of the base
+    state = adapter_state(model)
+    nonzero = {n: c for n, c in allocation.items() if c > 0}
+    assert state["allocation"] == nonzero and state["lora"] == {"r": 4, "lora_alpha": 16.0, "top_k": 2}
+    assert set(state["adapter"]) == {f"{n}.{key}" for n, c in nonzero.items()
+                                     for key in ["lora_A", "lora_B"] + (["router.weight"] if c > 1 else [])}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    with pytest.warns(UserWarning, match="fast path"):
+        restored = load_adapter(copy.deepcopy(base), torch.load(buffer, weights_only=True))
+    assert torch.equal(restored(x), model(x))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # as the warning says, for eval mode
+    try:
+        with torch.no_grad():
+            assert torch.equal(restored.eval()(x), model.eval()(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def test_multihead_attention_out_proj_is_never_called_so_it_is_refused():
+    model = EncoderClassifier()
+    called = []
+    for name in ["encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1"]:
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    model(torch.zeros(2, 6, dtype=torch.long))
+    assert called == ["encoder.layers.0.linear1"]  # MultiheadAttention uses out_proj.weight, never out_proj(x)
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        apply_lora_moe(model, {"encoder.layers.0.self_attn.out_proj": 1})
+    assert not any(isinstance(m, LoRAMoELinear) for m in model.modules())  # refused before changing anything
+
+
+def test_load_adapter_rejects_a_mismatched_state():
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS)
+    state = adapter_state(apply_lora_moe(model, {names[0]: 2, names[3]: 1}, r=2))
+    missing = {**state, "adapter": {k: v for k, v in state["adapter"].items() if not k.endswith("router.weight")}}
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter(tiny_gpt(), missing)
+    wider = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapter(wider, state)
+
+# -----------------------------------------------------------------------------
 # Data
 
 
@@ -552,3 +700,34 @@ def test_train_py_end_to_end_with_tiny_settings(tmp_path):
     assert proc.returncode == 0 and "loaded the pretrained base model" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "allocation.json").read_text()) == allocation
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_train_py_under_torchrun_with_two_processes(tmp_path):
+    """Two CPU processes (gloo): rank 0 alone prints and writes, and the allocation comes from
+    both ranks' sensitivity scores summed, recomputed here from the cached base model."""
+    tiny = ["--pretrain-steps", "20", "--steps", "10", "--batch-size", "8", "--sens-batches", "1",
+            "--eval-examples", "5", "--eval-every", "5", "--budget", "7", "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train.py"), *tiny], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("torchrun: 2 processes (gloo)") == 1
+    assert proc.stdout.count("wrote allocation.json, results.json and adapter.pt") == 1
+    (cache,) = tmp_path.glob("base-*.pt")  # pretrained once, by rank 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter.pt", "allocation.json", "results.json", cache.name])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and len(results["history"]) == 2
+
+    # reference: rank r samples its batches as a single process with seed r would; the scores add up
+    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    model.load_state_dict(torch.load(cache, weights_only=True))
+    names = candidate_names(model, TARGETS)
+    per_rank = [compute_sensitivity(model, task_batches(data.TASKS, 1, seed=f"sensitivity-{r}"), lm_loss, names)
+                for r in range(2)]
+    assert per_rank[0] != per_rank[1]  # the two ranks scored different batches
+    summed = {t: {n: per_rank[0][t][n] + per_rank[1][t][n] for n in names} for t in data.TASKS}
+    for t in data.TASKS:
+        for n in names:
+            assert math.isclose(results["sensitivity"][t][n], summed[t][n], rel_tol=1e-4), (t, n)
+    expected = allocate_experts(summed, 7)
+    assert results["allocation"] == expected  # every rank checked its own against rank 0's before training
+    assert json.loads((tmp_path / "allocation.json").read_text()) == {n: c for n, c in expected.items() if c > 0}

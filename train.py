@@ -9,6 +9,7 @@ LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
   6. report held-out exact match, routing statistics, times and memory
 
 Run:  python train.py --budget 16        (python train.py --help for every flag)
+      torchrun --nproc_per_node=N train.py --budget 16   (N processes, DistributedDataParallel)
 Writes to --out: allocation.json, results.json, adapter.pt and the cached base model.
 
 References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
@@ -27,10 +28,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from smoe import (GPT, GPTConfig, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
+from smoe import (GPT, GPTConfig, adapter_state, allocate_alpha, allocate_experts, allocate_mola,
                   allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
                   moe_aux_loss, moe_layers)
 
@@ -96,7 +99,10 @@ def allocation_table(allocation, n_layer, targets):
 
 
 def write_atomic(path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file.
+    Under torchrun only rank 0 writes; the other ranks hold the same results."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
@@ -142,6 +148,18 @@ def pretrained_base(args, cfg, device):
 
 def main(args):
     device = torch.device(args.device)
+    # [ddp] under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) run one process per device, as nanoGPT does
+    ddp = "RANK" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")  # only rank 0 prints; bars are off there too, and write_atomic skips
+        tqdm.write(f"torchrun: {world_size} processes ({dist.get_backend()}), each sampling its own batches of "
+                   f"{args.batch_size}; sensitivity sums the scores of every rank's batches")
     tasks = list(data.TASKS)
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
     eval_sets = {t: data.eval_set(t, args.eval_examples) for t in tasks}  # the same held-out set for every seed
@@ -150,7 +168,11 @@ def main(args):
 
     # 1. pretrain the base model on copy, or load it from the cache keyed by its settings
     t0 = time.time()
+    if ddp and rank > 0:
+        dist.barrier()  # [ddp] wait until rank 0 has pretrained the base model and cached it, then load it
     model = pretrained_base(args, cfg, device)
+    if ddp and rank == 0:
+        dist.barrier()  # [ddp] the cache is on disk: let the other ranks go on
     torch.manual_seed(args.seed)  # everything from here on (sampling, adapter initialisation) follows --seed
     base_acc = evaluate(model, eval_sets, device)
     base_copy = evaluate(model, {"copy": data.eval_set("copy", args.eval_examples)}, device)["copy"]
@@ -162,9 +184,9 @@ def main(args):
     t0 = time.time()
     candidates = candidate_names(model, args.targets)
     tqdm.write(f"2. sensitivity of {len(candidates)} candidate matrices to each task, {args.sens_batches} batches per task")
-    rng = random.Random(f"sensitivity-{args.seed}")
+    rng = random.Random(f"sensitivity-{args.seed + rank}")  # [ddp] rank r samples like seed + r; rank 0 as a single process
     task_batches = {t: [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)] for t in tasks}
-    pbar = tqdm(total=len(tasks) * args.sens_batches, desc="sensitivity", dynamic_ncols=True)
+    pbar = tqdm(total=len(tasks) * args.sens_batches, desc="sensitivity", dynamic_ncols=True, disable=rank > 0)
 
     def loss_fn(model, batch):
         pbar.update()
@@ -173,6 +195,10 @@ def main(args):
 
     sensitivity = compute_sensitivity(model, task_batches, loss_fn, candidates, reduction=args.sens_reduction)
     pbar.close()
+    if ddp:  # [ddp] sum the scores over the ranks' batches, so that every rank computes the same allocation
+        scores = torch.tensor([[s[m] for m in candidates] for s in sensitivity.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(scores)  # (tasks, candidates), summed in place
+        sensitivity = {t: dict(zip(candidates, row)) for t, row in zip(sensitivity, scores.tolist())}
     times["sensitivity"] = time.time() - t0
 
     # 3. allocate the budget: LoRA-SMoE's per-task votes, or one of the peers' rules for comparison
@@ -187,6 +213,11 @@ def main(args):
         tqdm.write("   power-law alpha per layer: " + ", ".join(f"{l}: {a:.2f}" for l, a in layer_alpha.items()))
     elif args.alloc == "random":
         allocation = allocate_random(allocate_experts(sensitivity, args.budget), args.seed)
+    if ddp:  # [ddp] fail loudly if any rank reached a different allocation
+        allocations = [None] * world_size
+        dist.all_gather_object(allocations, allocation)
+        if any(a != allocation for a in allocations):
+            raise RuntimeError(f"ranks disagree on the allocation: {allocations}")
     tqdm.write(f"3. {args.alloc} allocation of {args.budget} experts over {len(candidates)} candidate matrices (experts per matrix):")
     tqdm.write(allocation_table(allocation, cfg.n_layer, args.targets))
     nonzero = {name: n for name, n in allocation.items() if n > 0}
@@ -204,10 +235,12 @@ def main(args):
     # 5. fine-tune on the mixture of tasks
     t0 = time.time()
     tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux")
+    if ddp:  # [ddp] average the adapter gradients over the ranks in backward; an expert without tokens gets zeros
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rng = random.Random(f"finetune-{args.seed}")
+    rng = random.Random(f"finetune-{args.seed + rank}")  # [ddp] each rank its own batches
     history = []
-    pbar = tqdm(range(args.steps), desc="fine-tune", dynamic_ncols=True)
+    pbar = tqdm(range(args.steps), desc="fine-tune", dynamic_ncols=True, disable=rank > 0)
     for step in pbar:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine decay to 0
         for group in optimizer.param_groups:
@@ -227,6 +260,8 @@ def main(args):
             tqdm.write(f"   step {step + 1}: ce {ce.item():.3f} aux {aux.item():.3f} exact match "
                        + " ".join(f"{t} {a:.2f}" for t, a in acc.items()) + f" mean {sum(acc.values()) / len(acc):.3f}")
     times["finetune"] = time.time() - t0
+    if ddp:
+        model = model.module  # [ddp] unwrap for reporting and saving
 
     # 6. report and save
     final_acc = history[-1]["accuracy"]
@@ -244,16 +279,18 @@ def main(args):
     memory = peak_memory_mb(device)
     tqdm.write("   time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
                + f"; peak memory {memory:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    results = {"config": vars(args), "allocation": allocation, "parameters": {"total": n_total, "trainable": n_trainable,
-               "plain_lora_all_candidates": n_lora}, "sensitivity": sensitivity, "base_accuracy": base_acc,
+    results = {"config": vars(args), "world_size": world_size, "allocation": allocation,
+               "parameters": {"total": n_total, "trainable": n_trainable, "plain_lora_all_candidates": n_lora},
+               "sensitivity": sensitivity, "base_accuracy": base_acc,
                "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history,
                "routing": routing, "times_s": times, "peak_memory_mb": memory}
     write_atomic(os.path.join(args.out, "results.json"),
                  lambda p: open(p, "w").write(json.dumps(results, indent=2) + "\n"))
-    adapter = {"adapter": adapter_state_dict(model), "allocation": nonzero, "model_config": dataclasses.asdict(cfg),
-               "lora": {"r": args.rank, "lora_alpha": args.alpha, "top_k": args.top_k}}
+    adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # smoe.load_adapter(GPT(cfg), adapter) restores it
     write_atomic(os.path.join(args.out, "adapter.pt"), lambda p: torch.save(adapter, p))
     tqdm.write(f"   wrote allocation.json, results.json and adapter.pt to {args.out}")
+    if ddp:
+        dist.destroy_process_group()  # [ddp]
     return results
 
 # -----------------------------------------------------------------------------
@@ -335,6 +372,8 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
+    if device.type == "mps" and "RANK" in os.environ:
+        p.error("--device mps cannot run under torchrun (its gloo and nccl backends need cpu or cuda)")
     args.cache = args.cache or args.out
     for flag, folder in (("--out", args.out), ("--cache", args.cache)):
         if os.path.exists(folder) and not os.path.isdir(folder):
