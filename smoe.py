@@ -242,6 +242,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="s
     the diagonal empirical Fisher the released code accumulates as (grad ** 2).sum(),
     here in float32 and without gradient clipping. Nothing is updated, and the model's
     weights, requires_grad flags, .grad fields and train/eval mode are left as found.
+    A score that is not finite (NaN or inf) raises ValueError naming the task and matrix.
 
     Example: one batch whose gradient for W is [[1, -2], [0, 2]] gives
     S = 1 + 4 + 0 + 4 = 9; a second batch with gradient [[0, 1], [1, 0]] adds 2: S = 11.
@@ -270,6 +271,11 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="s
                     acc[name] += g.float().pow(2).sum()  # ||dL/dW||_F^2, squared in float32
             scores[task] = {name: (acc[name] / (weights[name].numel() if reduction == "mean" else 1)).item()
                             for name in weights}
+            bad = [name for name, s in scores[task].items() if not math.isfinite(s)]
+            if bad:  # a NaN or inf would be sorted arbitrarily by the allocation: refuse instead
+                raise ValueError(f"sensitivity of {bad[0]} to task {task!r} is {scores[task][bad[0]]} ({len(bad)} of "
+                                 f"{len(weights)} matrices not finite): the loss or its gradient overflowed, so no "
+                                 f"allocation can be made from these scores")
     finally:
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
