@@ -20,6 +20,8 @@ training, pretraining included, whatever the task; evaluation draws only from th
 Everything is deterministic given a seed (random.Random(seed)).
 """
 
+import functools
+import itertools
 import random
 import zlib
 
@@ -93,6 +95,19 @@ def eval_set(task, n, seed=0):
         prompt, ans = sample(task, rng, "eval")
         seen[prompt] = ans
     return list(seen.items())
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_size(task):
+    """How many distinct held-out inputs `task` has: the most examples eval_set can return.
+    add has the fewest (its 10,000 inputs are counted at once); the letter tasks draw from the
+    1,111,000 strings of 3 to 6 letters (about a second to count); copy draws from both kinds."""
+    if task not in TAGS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TAGS)}")
+    numbers = (f"{a:02d}+{b:02d}" for a in range(100) for b in range(100))
+    words = ("".join(w) for n in range(MIN_LEN, MAX_LEN + 1) for w in itertools.product(LETTERS, repeat=n))
+    inputs = numbers if task == "add" else itertools.chain(numbers, words) if task == "copy" else words
+    return sum(map(is_heldout, inputs))
 
 
 def decode(ids):

@@ -11,7 +11,7 @@ Read top to bottom, smallest piece first:
   6. allocate_experts     per-task votes that spend exactly `budget` experts
      allocate_uniform, allocate_mola, allocate_alpha, allocate_random: the peers' rules
   7. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
-  8. adapter_state        the trained adapter on its own (load_adapter puts it back)
+  8. adapter_state        the trained adapter on its own (load_adapter puts it back, set_adapter checks)
 
 Only GPT is specific to the toy: steps 4 to 8 take any nn.Module and a loss function.
 
@@ -273,6 +273,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="s
     the diagonal empirical Fisher the released code accumulates as (grad ** 2).sum(),
     here in float32 and without gradient clipping. Nothing is updated, and the model's
     weights, requires_grad flags, .grad fields and train/eval mode are left as found.
+    A score that is not finite (NaN or inf) raises ValueError naming the task and matrix.
 
     Example: one batch whose gradient for W is [[1, -2], [0, 2]] gives
     S = 1 + 4 + 0 + 4 = 9; a second batch with gradient [[0, 1], [1, 0]] adds 2: S = 11.
@@ -301,6 +302,11 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="s
                     acc[name] += g.float().pow(2).sum()  # ||dL/dW||_F^2, squared in float32
             scores[task] = {name: (acc[name] / (weights[name].numel() if reduction == "mean" else 1)).item()
                             for name in weights}
+            bad = [name for name, s in scores[task].items() if not math.isfinite(s)]
+            if bad:  # a NaN or inf would be sorted arbitrarily by the allocation: refuse instead
+                raise ValueError(f"sensitivity of {bad[0]} to task {task!r} is {scores[task][bad[0]]} ({len(bad)} of "
+                                 f"{len(weights)} matrices not finite): the loss or its gradient overflowed, so no "
+                                 f"allocation can be made from these scores")
     finally:
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
@@ -522,22 +528,34 @@ def adapter_state(model):
             "adapter": adapter_state_dict(model)}
 
 
+def set_adapter(model, tensors):
+    """Copy saved LoRA and router tensors ({name: tensor}, as adapter_state_dict gives them) into a
+    model already wrapped by apply_lora_moe. Every adapter parameter must be given, with its shape
+    and finite values, and nothing else: all is checked before anything is copied, so a mismatch
+    raises ValueError and never loads part of the tensors."""
+    expected = {name: p.shape for name, p in adapter_state_dict(model).items()}
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError("the adapter weights are not a {name: tensor} mapping")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the adapter weights do not match the model: {len(missing)} missing {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"adapter weight {name} has shape {tuple(tensors[name].shape)}, the model's is "
+                             f"{tuple(shape)}; was the adapter trained on another base model?")
+        if not torch.isfinite(tensors[name]).all():
+            raise ValueError(f"adapter weight {name} holds values that are not finite")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name])
+
+
 def load_adapter(model, state):
     """Rebuild an adapter saved with adapter_state on `model`, a fresh copy of the base model
-    it was trained on: wrap the allocated modules with the saved settings, then copy the
-    saved LoRA and router weights in. Modifies and returns `model`."""
+    it was trained on: wrap the allocated modules with the saved settings (apply_lora_moe),
+    then copy the saved LoRA and router weights in (set_adapter). Modifies and returns `model`."""
     model = apply_lora_moe(model, state["allocation"], **state["lora"])
-    params = dict(model.named_parameters())
-    expected = {name: params[name].shape for name in adapter_state_dict(model)}
-    saved = state["adapter"]
-    if set(saved) != set(expected):
-        raise ValueError(f"the saved adapter weights do not match its allocation: missing "
-                         f"{sorted(set(expected) - set(saved))}, unexpected {sorted(set(saved) - set(expected))}")
-    for name, tensor in saved.items():
-        if tensor.shape != expected[name]:
-            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, this model's {tuple(expected[name])}; "
-                             "was the adapter trained on another base model?")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
+    set_adapter(model, state["adapter"])
     return model

@@ -5,6 +5,7 @@ per-token loop, a formula worked by hand, or a gradient computed another way.
 Run: pytest test_smoe.py   (tiny sizes, fixed seeds, well under a minute on two CPU cores)
 """
 
+import argparse
 import copy
 import io
 import itertools
@@ -12,6 +13,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -711,15 +714,16 @@ def test_train_py_under_torchrun_with_two_processes(tmp_path):
                            os.path.join(HERE, "train.py"), *tiny], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("torchrun: 2 processes (gloo)") == 1
-    assert proc.stdout.count("wrote allocation.json, results.json and adapter.pt") == 1
+    assert proc.stdout.count("wrote allocation.json, results.json, adapter.pt and checkpoint.pt") == 1
     (cache,) = tmp_path.glob("base-*.pt")  # pretrained once, by rank 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter.pt", "allocation.json", "results.json", cache.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["adapter.pt", "allocation.json", "checkpoint.pt", "results.json", cache.name])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and len(results["history"]) == 2
 
     # reference: rank r samples its batches as a single process with seed r would; the scores add up
     model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
-    model.load_state_dict(torch.load(cache, weights_only=True))
+    model.load_state_dict(torch.load(cache, weights_only=True)["model"])
     names = candidate_names(model, TARGETS)
     per_rank = [compute_sensitivity(model, task_batches(data.TASKS, 1, seed=f"sensitivity-{r}"), lm_loss, names)
                 for r in range(2)]
@@ -731,3 +735,315 @@ def test_train_py_under_torchrun_with_two_processes(tmp_path):
     expected = allocate_experts(summed, 7)
     assert results["allocation"] == expected  # every rank checked its own against rank 0's before training
     assert json.loads((tmp_path / "allocation.json").read_text()) == {n: c for n, c in expected.items() if c > 0}
+
+# -----------------------------------------------------------------------------
+# train.py: checkpoints, resume, determinism, faults and bad files. Runs are in-process with tiny
+# settings; most start from the reference run's cached base, so only two runs pretrain in full.
+
+TINY = ["--pretrain-steps", "20", "--steps", "20", "--batch-size", "8", "--sens-batches", "1", "--eval-examples", "5",
+        "--eval-every", "5", "--checkpoint-every", "5", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_restored():
+    """train.main puts its Ctrl-C handler back when fine-tuning ends or is interrupted; a run that stops
+    with an error leaves it, as the process exits then, so tests stopped that way put it back here."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_main(out, *extra, budget=("--budget", "7")):
+    return train.main(train.parse_args([*TINY, *budget, "--out", str(out), *extra]))  # a flag given twice: the last wins
+
+
+def fails_with(out, *extra, budget=("--budget", "7")):
+    """Run train.py in-process expecting it to stop with one line; return that line."""
+    with pytest.raises(SystemExit) as e:
+        run_main(out, *extra, budget=budget)
+    message = str(e.value.code)
+    assert message.startswith("train.py: error: ") and "\n" not in message, message
+    return message
+
+
+def numbers(results):
+    """Everything in results.json that a run computes: all but its timings, memory and output folder."""
+    return {k: v for k, v in results.items() if k not in ("times_s", "peak_memory_mb", "config")}
+
+
+def with_base(reference, tmp_path):
+    """A fresh output folder holding only the reference run's cached base model."""
+    for f in reference["out"].glob("base-*.pt"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted tiny run, and the fine-tuned model's logits on a fixed batch (taken as the
+    model reaches phase 6, where train.py hands it to routing_stats)."""
+    out = tmp_path_factory.mktemp("reference")
+    x, _ = data.get_batch(list(data.TASKS), 8, random.Random(1))
+    seen = {}
+    def spy(model, eval_sets, device):
+        with torch.no_grad():
+            seen["logits"] = model(x)[0]
+        return real_routing_stats(model, eval_sets, device)
+    real_routing_stats = train.routing_stats
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "routing_stats", spy)
+        results = run_main(out)
+    return {"out": out, "results": results, "x": x, "logits": seen["logits"],
+            "adapter": torch.load(out / "adapter.pt", weights_only=True)["adapter"]}
+
+
+def test_same_seed_gives_the_same_run_and_a_broken_base_cache_is_rebuilt(reference, tmp_path, capsys):
+    cache = next(reference["out"].glob("base-*.pt")).name
+    (tmp_path / cache).write_bytes(b"not a torch file")  # the right name, unreadable contents
+    results = run_main(tmp_path)
+    assert "cannot be read (" in capsys.readouterr().out  # so it pretrained again
+    assert numbers(results) == numbers(reference["results"])  # allocation, loss curve, history, accuracy, routing
+    assert len(results["curve"]) == 20 and [h["step"] for h in results["history"]] == [5, 10, 15, 20]
+    adapter = torch.load(tmp_path / "adapter.pt", weights_only=True)["adapter"]
+    assert adapter.keys() == reference["adapter"].keys()
+    assert all(torch.equal(adapter[k], reference["adapter"][k]) for k in adapter)
+    rebuilt, first = (torch.load(d / cache, weights_only=True) for d in (tmp_path, reference["out"]))
+    assert rebuilt["key"] == first["key"] and all(torch.equal(rebuilt["model"][k], v) for k, v in first["model"].items())
+
+
+def test_killed_then_interrupted_run_resumes_to_the_same_results(reference, tmp_path, monkeypatch, capsys):
+    out = with_base(reference, tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    real_aux, calls = train.moe_aux_loss, []
+    def fault(model):  # called once per fine-tuning step
+        calls.append(1)
+        if len(calls) == fault.at:
+            fault.action()
+        return real_aux(model)
+    monkeypatch.setattr(train, "moe_aux_loss", fault)
+
+    def crash():
+        raise RuntimeError("the machine went away")
+    fault.at, fault.action = 13, crash  # a hard failure in step 13: the checkpoint after step 10 must stay intact
+    with pytest.raises(RuntimeError):
+        run_main(out)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 10
+    assert not list(out.glob("*.tmp")) and not (out / "results.json").exists()
+    signal.signal(signal.SIGINT, handler)  # what the next process would start with
+
+    calls.clear()
+    fault.at, fault.action = 4, lambda: os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the 4th resumed step, step 14
+    with pytest.raises(SystemExit) as e:
+        run_main(out, "--resume")
+    assert e.value.code == 130
+    assert "stopped by Ctrl-C after fine-tuning step 14 of 20" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 14
+    assert signal.getsignal(signal.SIGINT) is handler  # the Ctrl-C handler was put back
+
+    fault.at = 0  # no fault this time: run to the end
+    results = run_main(out, "--resume")
+    assert numbers(results) == numbers(reference["results"])
+    adapter = torch.load(out / "adapter.pt", weights_only=True)["adapter"]
+    assert all(torch.equal(adapter[k], reference["adapter"][k]) for k in reference["adapter"])
+
+
+def test_saved_adapter_on_a_fresh_model_reproduces_the_fine_tuned_outputs(reference, tmp_path):
+    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    cache = next(reference["out"].glob("base-*.pt"))
+    model.load_state_dict(torch.load(cache, weights_only=True)["model"])
+    train.load_adapter_file(model, str(reference["out"] / "adapter.pt"))
+    with torch.no_grad():
+        assert torch.equal(model(reference["x"])[0], reference["logits"])
+    # a file that does not fit the model: another model size, a renamed tensor, a cut-off file
+    with pytest.raises(ValueError, match="was trained on a model with"):
+        train.load_adapter_file(tiny_gpt(), str(reference["out"] / "adapter.pt"))
+    saved = torch.load(reference["out"] / "adapter.pt", weights_only=True)
+    name = next(iter(saved["adapter"]))
+    saved["adapter"][name + "_renamed"] = saved["adapter"].pop(name)
+    torch.save(saved, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match="do not match the model: 1 missing"):
+        train.load_adapter_file(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), str(tmp_path / "renamed.pt"))
+    (tmp_path / "cut.pt").write_bytes((reference["out"] / "adapter.pt").read_bytes()[:500])
+    with pytest.raises(ValueError, match="cannot be read .*truncated, corrupt"):
+        train.load_adapter_file(tiny_gpt(), str(tmp_path / "cut.pt"))
+
+
+def test_base_cache_is_used_only_when_it_matches(tmp_path):
+    model, other = tiny_gpt(seed=0), tiny_gpt(seed=1)
+    path = str(tmp_path / "base.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [({"key": "k", "model": other.state_dict()}, "k", ""),  # matches: loaded
+             ({"key": "other", "model": other.state_dict()}, "k", "other settings"),
+             (other.state_dict(), "k", "other settings"),  # the old format, a bare state dict
+             ({"key": "k", "model": {**other.state_dict(), "lm_head.weight": torch.zeros(3, 3)}}, "k", "another model shape"),
+             ({"key": "k", "model": {**other.state_dict(), "lm_head.weight": other.lm_head.weight * float("nan")}}, "k", "not finite")]
+    for saved, key, reason in cases:
+        torch.save(saved, path)
+        got = train.load_base(model, path, key)
+        assert (reason in got) if reason else got == "", got
+        expected = other.state_dict() if not reason else before
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()), reason
+        model.load_state_dict(before)
+    (tmp_path / "cut.pt").write_bytes(open(path, "rb").read()[:300])
+    assert "cannot be read (" in train.load_base(model, str(tmp_path / "cut.pt"), "k")
+    assert train.load_base(model, str(tmp_path / "missing.pt"), "k") == "none cached yet"
+
+
+def test_resume_refuses_a_missing_damaged_or_mismatched_checkpoint(reference, tmp_path):
+    out = with_base(reference, tmp_path)
+    assert "there is no checkpoint" in fails_with(out, "--resume")
+    good = torch.load(reference["out"] / "checkpoint.pt", weights_only=True)
+    ckpt = out / "checkpoint.pt"
+    shutil.copy(reference["out"] / "checkpoint.pt", ckpt)
+    assert "was made with other settings (--lr 0.003 -> 0.001)" in fails_with(out, "--resume", "--lr", "0.001")
+    assert "--steps 20 -> 30" in fails_with(out, "--resume", "--steps", "30")
+    ckpt.write_bytes((reference["out"] / "checkpoint.pt").read_bytes()[:1000])
+    assert "cannot be read (" in fails_with(out, "--resume")
+    ckpt.write_bytes(os.urandom(2000))
+    assert "cannot be read (" in fails_with(out, "--resume")
+    torch.save({**good, "config": argparse.Namespace(**good["config"])}, ckpt)  # unpickling would run code: refused
+    assert "cannot be read" in fails_with(out, "--resume")
+    torch.save([1, 2, 3], ckpt)
+    assert "is not a checkpoint written by train.py" in fails_with(out, "--resume")
+    # checked once the model is wrapped: the weights and the allocation must fit exactly
+    name = next(iter(good["adapter"]))
+    torch.save({**good, "adapter": {k + ("x" if k == name else ""): v for k, v in good["adapter"].items()}}, ckpt)
+    assert "does not fit this run (the adapter weights do not match the model: 1 missing" in fails_with(out, "--resume")
+    torch.save({**good, "adapter": {**good["adapter"], name: good["adapter"][name][..., :1]}}, ckpt)
+    assert f"adapter weight {name} has shape" in fails_with(out, "--resume")
+    torch.save({**good, "allocation": {**good["allocation"], "layers.3.attn.q_proj": 1}}, ckpt)
+    assert "trained another allocation" in fails_with(out, "--resume")
+
+
+def test_non_finite_loss_or_gradient_stops_training_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
+    out = with_base(reference, tmp_path)
+    real_aux, calls = train.moe_aux_loss, []
+    def nan_from_step_8(model):
+        calls.append(1)
+        return real_aux(model) * (float("nan") if len(calls) >= 8 else 1.0)
+    monkeypatch.setattr(train, "moe_aux_loss", nan_from_step_8)
+    message = fails_with(out)
+    assert message.endswith(f"non-finite loss at fine-tuning step 8; training stopped, the last good checkpoint "
+                            f"(after step 5) is kept in {out / 'checkpoint.pt'}")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["adapter"].values())
+    assert not (out / "results.json").exists() and not (out / "adapter.pt").exists()
+
+    # a finite loss whose gradient is not: sqrt'(0) = inf, times the zero that keeps the value at 0, is NaN
+    calls.clear()
+    def nan_gradient_at_step_3(model):
+        calls.append(1)
+        aux = real_aux(model)
+        if len(calls) == 3:
+            aux = aux + 0 * sum((m.lora_B * 0).pow(2).sum().sqrt() for _, m in train.moe_layers(model))
+        return aux
+    monkeypatch.setattr(train, "moe_aux_loss", nan_gradient_at_step_3)
+    message = fails_with(tmp_path / "fresh", "--checkpoint-every", "5")
+    assert "non-finite gradient at fine-tuning step 3; training stopped before any checkpoint was saved" in message
+    # pretraining: a learning rate of 1e30 overflows the weights at once; nothing is cached
+    message = fails_with(tmp_path / "pretrain", "--pretrain-lr", "1e30")
+    assert "non-finite loss at pretraining step 2; training stopped, nothing was cached" in message
+    assert not list((tmp_path / "pretrain").iterdir())
+
+
+def test_non_finite_sensitivity_is_refused(reference, tmp_path, monkeypatch):
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="to task 'sort' is (nan|inf).*not finite.*no allocation can be made"):
+        compute_sensitivity(model, task_batches(["sort"], 1), lambda m, b: lm_loss(m, b) * float("inf"), names)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}  # left as found all the same
+    real = train.compute_sensitivity
+    monkeypatch.setattr(train, "compute_sensitivity", lambda model, batches, loss_fn, names, reduction:
+                        real(model, batches, lambda m, b: loss_fn(m, b) * float("inf"), names, reduction))
+    out = with_base(reference, tmp_path)
+    assert "not finite" in fails_with(out)
+    assert not (out / "allocation.json").exists()
+
+
+def test_allocation_file_and_task_subset_drive_the_run(reference, tmp_path):
+    out = with_base(reference, tmp_path)
+    hand = {"layers.1.attn.k_proj": 2, "layers.0.attn.q_proj": 1, "layers.3.attn.o_proj": 0}
+    (tmp_path / "hand.json").write_text(json.dumps(hand))
+    results = run_main(out, "--steps", "5", "--allocation", str(tmp_path / "hand.json"), "--tasks", "add,sort", budget=())
+    expected = {"layers.0.attn.q_proj": 1, "layers.1.attn.k_proj": 2}  # zeros dropped, module order
+    assert json.loads((out / "allocation.json").read_text()) == expected
+    assert results["config"]["budget"] == 3 and list(results["accuracy"]) == ["add", "sort"]
+    assert torch.load(out / "adapter.pt", weights_only=True)["allocation"] == expected
+    assert "--top-k 3 is more than the largest expert count in the allocation (2)" in fails_with(
+        out, "--allocation", str(tmp_path / "hand.json"), "--budget", "3", "--top-k", "3")
+    # the sensitivity allocation at budget 1 gives one matrix one expert: a top-2 asked for by hand is refused
+    # (the default top-2 is clamped to each matrix's count, as the run above with counts 1 and 2 shows)
+    assert "--top-k 2 is more than the largest expert count in the allocation (1)" in fails_with(
+        out, "--budget", "1", "--top-k", "2")
+
+
+@pytest.mark.parametrize("text,argv,message", [
+    ("{not json", [], "is not valid JSON (Expecting property name enclosed in double quotes, line 1 column 2)"),
+    ("[1, 2]", [], "must hold a JSON object {module name: expert count}, not [1, 2]"),
+    ('{"layers.9.attn.q_proj": 1}', [], "names 'layers.9.attn.q_proj', not a candidate matrix; the 16 candidates"),
+    ('{"layers.0.mlp.up_proj": 1}', [], "not a candidate matrix; the 16 candidates (set by --targets) are "
+                                        "layers.0.attn.q_proj, layers.0.attn.k_proj, layers.0.attn.v_proj, ..., layers.3.attn.o_proj"),
+    ('{"layers.0.attn.q_proj": -1}', [], "the count for 'layers.0.attn.q_proj' must be a whole number >= 0, got -1"),
+    ('{"layers.0.attn.q_proj": 1.0}', [], "must be a whole number >= 0, got 1.0"),
+    ('{"layers.0.attn.q_proj": true}', [], "must be a whole number >= 0, got true"),
+    ('{"layers.0.attn.q_proj": "2"}', [], 'must be a whole number >= 0, got "2"'),
+    ('{"layers.0.attn.q_proj": 1, "layers.0.attn.q_proj": 2}', [], "names 'layers.0.attn.q_proj' twice"),
+    ('{"layers.0.attn.q_proj": 0}', [], "gives no experts at all"),
+    ('{"layers.0.attn.q_proj": 3, "layers.1.attn.v_proj": 4}', ["--budget", "16"],
+     "spends 7 experts but --budget is 16; make them agree, or leave --budget out to spend the file's 7"),
+    ("\xff\xfe", [], "is not a text file"),
+])
+def test_bad_allocation_files_give_one_clear_line(text, argv, message, tmp_path):
+    path = tmp_path / "allocation.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--allocation", str(path), "--out", str(tmp_path / "out"), *argv])
+    assert str(e.value.code).startswith(f"train.py: error: --allocation {path}") and message in str(e.value.code), e.value.code
+    with pytest.raises(SystemExit, match="cannot be read .No such file or directory."):
+        train.parse_args(["--allocation", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", ""], "--tasks must name distinct tasks from reverse,sort,shift,add, got nothing"),
+    (["--tasks", "reverse,copy"], "--tasks must name distinct tasks from reverse,sort,shift,add, got reverse,copy"),
+    (["--tasks", "sort,sort"], "--tasks must name distinct tasks"),
+    (["--tasks", "add", "--budget", "17"], "--budget must be from 1 to 16 (tasks x candidate matrices = 1 x 16), got 17"),
+    (["--tasks", "add", "--targets", "q_proj"], "--budget must be from 1 to 4 (tasks x candidate matrices = 1 x 4), got 16 (the default)"),
+    (["--tasks", "add", "--eval-examples", "5000"], "--eval-examples 5000 is more than the"),
+    (["--seed", str(2**64)], "--seed: expected a whole number >= 0 and <= 18446744073709551615"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected a whole number >= 1, got '0'"),
+    (["--eval-every", "1.5"], "--eval-every: expected a whole number >= 1, got '1.5'"),
+    (["--aux-coef", "-1"], "--aux-coef: expected a number >= 0"),
+    (["--sens-reduction", "max"], "--sens-reduction: invalid choice: 'max'"),
+])
+def test_more_bad_arguments_give_one_clear_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert str(e.value.code).startswith("train.py: error: ") and message in str(e.value.code), e.value.code
+
+
+def test_held_out_pool_bounds_eval_examples():
+    # reference: count the held-out sums directly; eval_set can return exactly that many and no more
+    pool = sum(data.is_heldout(f"{a:02d}+{b:02d}") for a in range(100) for b in range(100))
+    assert data.heldout_size("add") == pool and pool > 1000
+    assert len(data.eval_set("add", pool, seed=0)) == pool
+    with pytest.raises(SystemExit, match=f"more than the {pool} held-out inputs of task add"):
+        train.parse_args(["--tasks", "add", "--eval-examples", str(pool + 1)])
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    def half_then_crash(p):
+        open(p, "w").write("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomic(str(path), half_then_crash)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_resume_under_torchrun_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "0")  # what torchrun sets; resume restores one process's data order only
+    with pytest.raises(SystemExit, match="--resume continues single-process runs only"):
+        train.parse_args(["--resume", "--out", str(tmp_path)])

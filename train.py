@@ -1,16 +1,19 @@
 """
 LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
 
-  1. pretrain a tiny base model on the copy task (or load it from the cache in --out)
+  1. pretrain a tiny base model on the copy task (or load it from the cache in --cache)
   2. measure each task's sensitivity to each candidate matrix      (smoe.compute_sensitivity)
   3. allocate the expert budget by per-task votes                   (smoe.allocate_experts)
+     (or by a peer's rule, --alloc, or from a file, --allocation)
   4. wrap the chosen matrices in LoRA-MoE layers                    (smoe.apply_lora_moe)
   5. fine-tune on the task mixture with loss = ce + aux_coef * aux  (smoe.load_balancing_loss)
   6. report held-out exact match, routing statistics, times and memory
 
 Run:  python train.py --budget 16        (python train.py --help for every flag)
       torchrun --nproc_per_node=N train.py --budget 16   (N processes, DistributedDataParallel)
-Writes to --out: allocation.json, results.json, adapter.pt and the cached base model.
+Writes to --out: allocation.json, results.json, adapter.pt, checkpoint.pt (every --checkpoint-every
+steps and at the end; `--resume` continues from it, Ctrl-C saves it) and the cached base model.
+A bad flag or file stops the run with one line `train.py: error: ...` and a non-zero exit.
 
 References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
 [3] Switch Transformers, arXiv 2101.03961. Method notes: README.md.
@@ -24,6 +27,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 
@@ -33,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from smoe import (GPT, GPTConfig, adapter_state, allocate_alpha, allocate_experts, allocate_mola,
+from smoe import (GPT, GPTConfig, adapter_state, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
                   allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
-                  moe_aux_loss, moe_layers)
+                  load_adapter, moe_aux_loss, moe_layers, set_adapter)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
 ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --alloc may name
@@ -99,13 +103,18 @@ def allocation_table(allocation, n_layer, targets):
 
 
 def write_atomic(path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file.
+    """write(tmp_path), then rename over `path`: a crash or Ctrl-C never leaves a half-written file,
+    and the previous version of `path` stays intact until the new one is complete.
     Under torchrun only rank 0 writes; the other ranks hold the same results."""
     if int(os.environ.get("RANK", 0)) > 0:
         return
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def peak_memory_mb(device):
@@ -113,36 +122,179 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux reports KiB)
 
+
+def fail(message):
+    """Stop with one line saying what is wrong: exit status 1, no traceback."""
+    sys.exit(f"train.py: error: {message}")
+
+# -----------------------------------------------------------------------------
+# Files train.py reads back: every one loaded safely and checked, never trusted blindly
+
+RESUME_FREE = ("resume", "out", "cache", "device", "checkpoint_every")  # settings a resumed run may change
+CHECKPOINT_KEYS = {"step", "config", "allocation", "adapter", "optimizer", "history", "curve", "rng"}
+
+
+def read_torch(path, name=None):
+    """torch.load with weights_only=True: tensors and plain containers only, never code from the
+    file. Anything unreadable raises a one-line ValueError about `name` (default: the path)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, garbage bytes, a pickle asking for code: all unreadable
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(". ")[0][:100]  # the first sentence of torch's words
+        raise ValueError(f"{name or path} cannot be read ({reason}); it is truncated, corrupt, "
+                         "or holds more than tensors and plain data") from None
+
+
+def load_adapter_file(model, path):
+    """A saved adapter.pt on a fresh base `model` (a GPT holding the same pretrained weights):
+    checked, then smoe.load_adapter wraps the matrices its allocation names with its r, alpha and
+    top-k and loads its LoRA and router weights. The result computes exactly what the fine-tuned
+    model computed. A file that is unreadable or made for another model raises ValueError."""
+    saved = read_torch(path)
+    if (not isinstance(saved, dict) or not {"adapter", "allocation", "model_config", "lora"} <= set(saved)
+            or not isinstance(saved["allocation"], dict)):
+        raise ValueError(f"{path} is not an adapter saved by train.py (expected adapter, allocation, model_config, lora)")
+    if saved["model_config"] != dataclasses.asdict(model.cfg):
+        raise ValueError(f"{path} was trained on a model with {saved['model_config']}, this one has {dataclasses.asdict(model.cfg)}")
+    if not isinstance(saved["lora"], dict) or set(saved["lora"]) != {"r", "lora_alpha", "top_k"}:
+        raise ValueError(f"{path}: 'lora' must give r, lora_alpha and top_k, got {saved['lora']!r}")
+    return load_adapter(model, saved)
+
+
+def load_base(model, path, key):
+    """Load the cached pretrained base into `model` if `path` holds one built with exactly `key`
+    (names, shapes and finite values checked before anything is copied). Returns "" when loaded,
+    otherwise why not, and `model` is left untouched: the caller pretrains it afresh."""
+    if not os.path.exists(path):
+        return "none cached yet"
+    try:
+        saved = read_torch(path, name="the cached file")
+    except ValueError as e:
+        return str(e)
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("model"), dict):
+        return "the cached file was built with other settings or another version of train.py"
+    state, expected = saved["model"], model.state_dict()
+    if set(state) != set(expected) or any(not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
+                                          for k, v in expected.items()):
+        return "the cached file holds weights of another model shape"
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        return "the cached file holds weights that are not finite"
+    model.load_state_dict(state)
+    return ""
+
+
+def read_checkpoint(path, config):
+    """The checkpoint to resume from, checked: readable, complete, and made with the same `config`
+    (every setting that changes the run's numbers, and the cached base it started from)."""
+    if not os.path.exists(path):
+        raise ValueError(f"there is no checkpoint {path} to resume from; run without --resume to start afresh")
+    ckpt = read_torch(path)
+    if not isinstance(ckpt, dict) or set(ckpt) != CHECKPOINT_KEYS or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (expected {', '.join(sorted(CHECKPOINT_KEYS))})")
+    saved = ckpt["config"]
+    changed = []
+    for k in sorted(set(saved) | set(config)):
+        if saved.get(k) != config.get(k):  # lists (--tasks, --targets) shown as typed
+            old, new = (",".join(map(str, v)) if isinstance(v, list) else repr(v) for v in (saved.get(k), config.get(k)))
+            changed.append(f"{'--' + k.replace('_', '-') if k != 'base' else 'pretrained base'} {old} -> {new}")
+    if changed:
+        raise ValueError(f"{path} was made with other settings ({'; '.join(changed)}); "
+                         "resume with the checkpoint's settings, or start afresh with another --out")
+    if not isinstance(ckpt["step"], int) or not 0 <= ckpt["step"] <= config["steps"]:
+        raise ValueError(f"{path} records step {ckpt['step']!r}, not one of 0..{config['steps']}")
+    if not (isinstance(ckpt["history"], list) and isinstance(ckpt["curve"], list) and isinstance(ckpt["rng"], dict)
+            and isinstance(ckpt["allocation"], dict)):
+        raise ValueError(f"{path} is damaged: its history, curve, rng or allocation has the wrong type")
+    return ckpt
+
+
+def stop_if_nonfinite(bad_step, phase, note):
+    """bad_step: (2,) the first step (counted from 1) whose loss, gradient was not finite, 0 while
+    none was. Reading it waits for the device, so the loops read it only at their log and
+    checkpoint cadence; the step it names is exact all the same."""
+    loss_step, grad_step = bad_step.tolist()
+    if loss_step or grad_step:
+        what, step = ("loss", loss_step) if loss_step and (not grad_step or loss_step <= grad_step) else ("gradient", grad_step)
+        fail(f"non-finite {what} at {phase} step {step}; training stopped{note}")
+
+
+def read_allocation(path, candidates):
+    """An allocation file in the format train.py writes, {module name: expert count} with zero
+    counts left out, checked against the candidate matrices. Returns {name: count} for the counts
+    >= 1, in module order. Anything else raises ValueError saying what is wrong, for example
+    {"layers.0.attn.q_proj": 1.0} (a count must be a whole number, not 1.0 or true)."""
+    def no_duplicates(pairs):
+        names = [name for name, _ in pairs]
+        twice = [name for name in names if names.count(name) > 1]
+        if twice:
+            raise ValueError(f"names {twice[0]!r} twice")
+        return dict(pairs)
+    try:
+        with open(path, encoding="utf-8") as f:
+            counts = json.load(f, object_pairs_hook=no_duplicates)
+    except OSError as e:
+        raise ValueError(f"cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not a text file; expected a JSON object {module name: expert count}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); "
+                         "expected a JSON object {module name: expert count}") from None
+    if not isinstance(counts, dict):
+        raise ValueError(f"must hold a JSON object {{module name: expert count}}, not {json.dumps(counts)[:40]}")
+    unknown = [name for name in counts if name not in candidates]
+    if unknown:
+        raise ValueError(f"names {unknown[0]!r}{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}, not a "
+                         f"candidate matrix; the {len(candidates)} candidates (set by --targets) are "
+                         f"{', '.join(candidates[:3])}, ..., {candidates[-1]}")
+    for name, n in counts.items():
+        if type(n) is not int or n < 0:  # type(), not isinstance: true is a bool, not a count
+            raise ValueError(f"the count for {name!r} must be a whole number >= 0, got {json.dumps(n)}")
+    if sum(counts.values()) == 0:
+        raise ValueError("gives no experts at all; give at least one matrix a count >= 1")
+    return {name: counts[name] for name in candidates if counts.get(name, 0) > 0}
+
 # -----------------------------------------------------------------------------
 
 
-def pretrained_base(args, cfg, device):
-    """Phase 1: the base model pretrained on copy, loaded from the cache in --cache when it exists.
-    The cache file is named by a hash of everything that shapes the base: model configuration,
-    a fingerprint of the data, base seed and pretraining settings."""
+def base_cache(args, cfg):
+    """Where the pretrained base is cached, and the key it is cached under: everything that shapes
+    the base (model configuration, a fingerprint of the data, base seed, pretraining settings)."""
     fingerprint = [data.sample("copy", random.Random(i), "train") for i in range(32)]  # changes if data.py does
-    key = {"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
-           "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}
-    cache = os.path.join(args.cache, f"base-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
+    key = json.dumps({"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
+                      "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}, sort_keys=True)
+    return os.path.join(args.cache, f"base-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"), key
+
+
+def pretrained_base(args, cfg, device):
+    """Phase 1: the base model pretrained on copy, loaded from the cache when it holds exactly
+    this base (load_base checks it), pretrained and cached otherwise."""
+    cache, key = base_cache(args, cfg)
     torch.manual_seed(args.base_seed)
     model = GPT(cfg).to(device)
-    if os.path.exists(cache):
-        model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
+    reason = load_base(model, cache, key)
+    if not reason:
         tqdm.write(f"1. loaded the pretrained base model from {cache}")
         return model
-    tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache})")
+    tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache}: {reason})")
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
+    bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
     pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
     for step in pbar:
         x, y = data.get_batch(["copy"], args.batch_size, rng)
         _, loss = model(x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        bad = ~torch.isfinite(torch.stack([loss.detach(), grad_norm]))
+        bad_step = torch.where(bad & (bad_step == 0), step + 1, bad_step)  # on the device: no wait here
         optimizer.step()
         if step % 25 == 0 or step == args.pretrain_steps - 1:
+            stop_if_nonfinite(bad_step, "pretraining", ", nothing was cached")
             pbar.set_postfix(loss=f"{loss.item():.3f}")
-    write_atomic(cache, lambda p: torch.save(model.state_dict(), p))
+    write_atomic(cache, lambda p: torch.save({"key": key, "model": model.state_dict()}, p))
     return model
 
 
@@ -160,11 +312,22 @@ def main(args):
             sys.stdout = open(os.devnull, "w")  # only rank 0 prints; bars are off there too, and write_atomic skips
         tqdm.write(f"torchrun: {world_size} processes ({dist.get_backend()}), each sampling its own batches of "
                    f"{args.batch_size}; sensitivity sums the scores of every rank's batches")
-    tasks = list(data.TASKS)
+    tasks = args.tasks
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
     eval_sets = {t: data.eval_set(t, args.eval_examples) for t in tasks}  # the same held-out set for every seed
     times = {}
-    tqdm.write(f"device {device}, tasks {', '.join(tasks)}, budget {args.budget}, allocation rule {args.alloc}, seed {args.seed}")
+
+    # --resume: read and check the checkpoint before any work, so that a mismatch costs nothing
+    run_config = {k: v for k, v in vars(args).items() if k not in RESUME_FREE} | {"base": os.path.basename(base_cache(args, cfg)[0])}
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    try:
+        ckpt = read_checkpoint(ckpt_path, run_config) if args.resume else None
+    except ValueError as e:
+        fail(f"--resume: {e}")
+    tqdm.write(f"device {device}, tasks {', '.join(tasks)}, budget {args.budget}, "
+               f"allocation {'from --allocation' if args.allocation else args.alloc}, seed {args.seed}")
+    if not args.resume and os.path.exists(ckpt_path):
+        tqdm.write(f"   note: this run will replace {ckpt_path}; stop now and add --resume to continue that run instead")
 
     # 1. pretrain the base model on copy, or load it from the cache keyed by its settings
     t0 = time.time()
@@ -193,7 +356,10 @@ def main(args):
         x, y = batch
         return model(x.to(device), y.to(device))[1]
 
-    sensitivity = compute_sensitivity(model, task_batches, loss_fn, candidates, reduction=args.sens_reduction)
+    try:
+        sensitivity = compute_sensitivity(model, task_batches, loss_fn, candidates, reduction=args.sens_reduction)
+    except ValueError as e:  # a score that is not finite
+        fail(str(e))
     pbar.close()
     if ddp:  # [ddp] sum the scores over the ranks' batches, so that every rank computes the same allocation
         scores = torch.tensor([[s[m] for m in candidates] for s in sensitivity.values()], dtype=torch.float64, device=device)
@@ -201,8 +367,11 @@ def main(args):
         sensitivity = {t: dict(zip(candidates, row)) for t, row in zip(sensitivity, scores.tolist())}
     times["sensitivity"] = time.time() - t0
 
-    # 3. allocate the budget: LoRA-SMoE's per-task votes, or one of the peers' rules for comparison
-    if args.alloc == "sensitivity":
+    # 3. allocate the budget: LoRA-SMoE's per-task votes, a peer's rule (--alloc), or the --allocation
+    #    file (read and checked by parse_args), which wins; allocation.json keeps the released code's format
+    if args.allocation:
+        allocation = {name: args.allocation.get(name, 0) for name in candidates}
+    elif args.alloc == "sensitivity":
         allocation = allocate_experts(sensitivity, args.budget)
     elif args.alloc == "uniform":
         allocation = allocate_uniform(candidates, args.budget)
@@ -218,50 +387,111 @@ def main(args):
         dist.all_gather_object(allocations, allocation)
         if any(a != allocation for a in allocations):
             raise RuntimeError(f"ranks disagree on the allocation: {allocations}")
-    tqdm.write(f"3. {args.alloc} allocation of {args.budget} experts over {len(candidates)} candidate matrices (experts per matrix):")
+    tqdm.write(f"3. {'--allocation file' if args.allocation else args.alloc} allocation of {args.budget} experts over "
+               f"{len(candidates)} candidate matrices (experts per matrix):")
     tqdm.write(allocation_table(allocation, cfg.n_layer, args.targets))
     nonzero = {name: n for name, n in allocation.items() if n > 0}
+    if args.top_k is not None and args.top_k > max(nonzero.values()):  # the default top-2 is clamped per matrix instead
+        fail(f"--top-k {args.top_k} is more than the largest expert count in the allocation ({max(nonzero.values())}); "
+             f"use --top-k {max(nonzero.values())} or less, a larger --budget, or leave --top-k out")
     write_atomic(os.path.join(args.out, "allocation.json"),
                  lambda p: open(p, "w").write(json.dumps(nonzero, indent=2) + "\n"))
 
     # 4. wrap the allocated matrices in LoRA-MoE layers; everything else is frozen
-    model = apply_lora_moe(model, allocation, r=args.rank, lora_alpha=args.alpha, top_k=args.top_k)
+    top_k = args.top_k or 2  # default top-2, clamped to each matrix's expert count
+    model = apply_lora_moe(model, allocation, r=args.rank, lora_alpha=args.alpha, top_k=top_k)
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_lora = sum(args.rank * (m.in_features + m.out_features) for m in map(model.get_submodule, candidates))
     tqdm.write(f"4. parameters: {n_total:,} total, {n_trainable:,} trainable (LoRA and routers); "
                f"plain LoRA r={args.rank} on all {len(candidates)} candidates would train {n_lora:,}")
 
-    # 5. fine-tune on the mixture of tasks
+    # 5. fine-tune on the mixture of tasks, from step 0 or from the checkpoint
     t0 = time.time()
     tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux")
+    raw_model = model  # the model itself, also when DDP wraps it for training
     if ddp:  # [ddp] average the adapter gradients over the ranks in backward; an expert without tokens gets zeros
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     rng = random.Random(f"finetune-{args.seed + rank}")  # [ddp] each rank its own batches
-    history = []
-    pbar = tqdm(range(args.steps), desc="fine-tune", dynamic_ncols=True, disable=rank > 0)
+    start, history, curve = 0, [], []  # curve: ce and aux every log_every steps
+    kept = " before any checkpoint was saved"  # what a stop on a non-finite loss leaves behind
+    if ckpt is not None:
+        if ckpt["allocation"] != nonzero:
+            fail(f"--resume: {ckpt_path} trained another allocation than this run computes (the base or the code changed); "
+                 "start afresh with another --out")
+        try:
+            set_adapter(raw_model, ckpt["adapter"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            rng.setstate(ckpt["rng"]["data"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            fail(f"--resume: {ckpt_path} does not fit this run ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__})")
+        start, history, curve = ckpt["step"], ckpt["history"], ckpt["curve"]
+        kept = f", the last good checkpoint (after step {start}) is kept in {ckpt_path}"
+        tqdm.write(f"   resuming from {ckpt_path} after step {start}")
+
+    def save_checkpoint(done):  # everything needed to go on after `done` steps exactly as if never stopped
+        state = {"step": done, "config": run_config, "allocation": nonzero, "adapter": adapter_state_dict(raw_model),
+                 "optimizer": optimizer.state_dict(), "history": history, "curve": curve,
+                 "rng": {"data": rng.getstate(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+        write_atomic(ckpt_path, lambda p: torch.save(state, p))
+
+    # Ctrl-C only raises a flag: the step in flight finishes, so the checkpoint is taken between steps
+    stop = []
+    def on_ctrl_c(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+    previous_handler = signal.getsignal(signal.SIGINT)
+    if previous_handler is not signal.SIG_IGN and not ddp:  # a process started with Ctrl-C ignored keeps ignoring it;
+        # [ddp] under torchrun Ctrl-C stops every process at once and the last periodic checkpoint stays
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    log_every = max(1, args.steps // 100)  # about 100 points of loss curve; .item() waits for the device
+    bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="fine-tune", dynamic_ncols=True,
+                disable=rank > 0)
     for step in pbar:
+        if stop:
+            stop_if_nonfinite(bad_step, "fine-tuning", kept)
+            save_checkpoint(step)
+            pbar.close()
+            signal.signal(signal.SIGINT, previous_handler)
+            print(f"train.py: stopped by Ctrl-C after fine-tuning step {step} of {args.steps}; saved {ckpt_path}, "
+                  "continue with the same flags plus --resume", file=sys.stderr)
+            sys.exit(130)
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine decay to 0
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = data.get_batch(tasks, args.batch_size, rng)
         _, ce = model(x.to(device), y.to(device))
-        aux = moe_aux_loss(model)  # mean load-balancing loss over the routing layers
+        aux = moe_aux_loss(raw_model)  # mean load-balancing loss over the routing layers
         loss = ce + args.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        bad = ~torch.isfinite(torch.stack([loss.detach(), grad_norm]))
+        bad_step = torch.where(bad & (bad_step == 0), step + 1, bad_step)  # on the device: no wait here
         optimizer.step()
-        if step % 25 == 0 or step == args.steps - 1:  # .item() waits for the device, so only now and then
+        if step % log_every == 0 or step == args.steps - 1:
+            stop_if_nonfinite(bad_step, "fine-tuning", kept)
+            curve.append({"step": step + 1, "ce": ce.item(), "aux": aux.item()})
             pbar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             acc = evaluate(model, eval_sets, device)
             history.append({"step": step + 1, "ce": ce.item(), "aux": aux.item(), "accuracy": acc})
             tqdm.write(f"   step {step + 1}: ce {ce.item():.3f} aux {aux.item():.3f} exact match "
                        + " ".join(f"{t} {a:.2f}" for t, a in acc.items()) + f" mean {sum(acc.values()) / len(acc):.3f}")
+        if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+            stop_if_nonfinite(bad_step, "fine-tuning", kept)  # never replace a good checkpoint with a broken one
+            save_checkpoint(step + 1)
+            kept = f", the last good checkpoint (after step {step + 1}) is kept in {ckpt_path}"
+    signal.signal(signal.SIGINT, previous_handler)  # (a run stopped by an error exits the process instead)
     times["finetune"] = time.time() - t0
-    if ddp:
-        model = model.module  # [ddp] unwrap for reporting and saving
+    model = raw_model  # [ddp] unwrap for reporting and saving
 
     # 6. report and save
     final_acc = history[-1]["accuracy"]
@@ -279,16 +509,15 @@ def main(args):
     memory = peak_memory_mb(device)
     tqdm.write("   time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
                + f"; peak memory {memory:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    results = {"config": vars(args), "world_size": world_size, "allocation": allocation,
-               "parameters": {"total": n_total, "trainable": n_trainable, "plain_lora_all_candidates": n_lora},
-               "sensitivity": sensitivity, "base_accuracy": base_acc,
-               "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history,
-               "routing": routing, "times_s": times, "peak_memory_mb": memory}
+    results = {"config": vars(args), "allocation": allocation, "parameters": {"total": n_total, "trainable": n_trainable,
+               "plain_lora_all_candidates": n_lora}, "sensitivity": sensitivity, "base_accuracy": base_acc,
+               "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history, "curve": curve,
+               "routing": routing, "times_s": times, "peak_memory_mb": memory, "world_size": world_size}
     write_atomic(os.path.join(args.out, "results.json"),
                  lambda p: open(p, "w").write(json.dumps(results, indent=2) + "\n"))
-    adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # smoe.load_adapter(GPT(cfg), adapter) restores it
+    adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # LoRA, routers, allocation, settings
     write_atomic(os.path.join(args.out, "adapter.pt"), lambda p: torch.save(adapter, p))
-    tqdm.write(f"   wrote allocation.json, results.json and adapter.pt to {args.out}")
+    tqdm.write(f"   wrote allocation.json, results.json, adapter.pt and checkpoint.pt to {args.out}")
     if ddp:
         dist.destroy_process_group()  # [ddp]
     return results
@@ -299,38 +528,48 @@ def main(args):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        sys.exit(f"train.py: error: {message}")
+        fail(message)
 
 
-def number(kind, low, inclusive=True):
-    """An argparse type: a `kind` (int or float) >= low (or > low)."""
+def number(kind, low, inclusive=True, high=None):
+    """An argparse type: a `kind` (int or float) >= low (or > low), and <= high if given."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < low or (value == low and not inclusive):
+        if (value is None or not math.isfinite(value) or value < low or (value == low and not inclusive)
+                or (high is not None and value > high)):
             raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'} {'>=' if inclusive else '>'} {low}, got {text!r}")
+                f"expected {'a whole number' if kind is int else 'a number'} {'>=' if inclusive else '>'} {low}"
+                f"{f' and <= {high}' if high is not None else ''}, got {text!r}")
         return value
     return parse
 
 
 def parse_args(argv=None):
     p = Parser(description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
-    p.add_argument("--budget", type=number(int, 1), default=16,
-                   help="total experts to spend over the candidate matrices, 1..tasks x candidates (default 16 = one per candidate, plain LoRA's count)")
+    p.add_argument("--budget", type=number(int, 1), default=None,
+                   help="total experts to spend over the candidate matrices, 1..tasks x candidates (default 16 = one per candidate, "
+                        "plain LoRA's count; with --allocation, the file's total)")
+    p.add_argument("--allocation", metavar="FILE", default=None,
+                   help="a JSON file {module name: experts} (the format of allocation.json, zeros may be left out) "
+                        "to use instead of the sensitivity allocation; its total must equal --budget if that is given")
     p.add_argument("--alloc", choices=ALLOC_RULES, default="sensitivity",
                    help="how to spend the budget: sensitivity (LoRA-SMoE), uniform (same count everywhere; budget = "
                         "number of candidates is plain LoRA), mola (more in higher layers), alpha (AlphaLoRA, "
-                        "from weight spectra), random (sensitivity counts shuffled); default sensitivity")
-    p.add_argument("--top-k", type=number(int, 1), default=2, help="experts each token uses per matrix, clamped to the matrix's count (default 2)")
+                        "from weight spectra), random (sensitivity counts shuffled); --allocation overrides it")
+    p.add_argument("--top-k", type=number(int, 1), default=None,
+                   help="experts each token uses per matrix (default 2, clamped to each matrix's count); "
+                        "a value given here may not exceed the largest count")
     p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank r of every expert (default 8)")
     p.add_argument("--alpha", type=number(float, 0, inclusive=False), default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
     p.add_argument("--aux-coef", type=number(float, 0), default=0.01, help="weight of the load-balancing loss, Switch Transformer's 0.01 (default 0.01)")
     p.add_argument("--sens-batches", type=number(int, 1), default=4, help="sampled batches per task for sensitivity (default 4)")
     p.add_argument("--sens-reduction", choices=("sum", "mean"), default="sum",
                    help="sensitivity per matrix: sum of squared gradients (the paper) or mean per entry (fair across shapes)")
+    p.add_argument("--tasks", default=",".join(data.TASKS),
+                   help=f"comma-separated fine-tuning tasks, from {','.join(data.TASKS)} (default all)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
                    help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default q,k,v,o)")
     p.add_argument("--steps", type=number(int, 1), default=3000, help="fine-tuning steps (default 3000)")
@@ -340,26 +579,58 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-lr", type=number(float, 0, inclusive=False), default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every this many steps, and at the end (default 1000)")
     p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task (default 200)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for sampling, adapter initialisation and fine-tuning (default 0)")
-    p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base model (default 0)")
+    p.add_argument("--seed", type=number(int, 0, high=2**64 - 1), default=0,
+                   help="seed for sampling, adapter initialisation and fine-tuning, 0..2**64-1 (default 0)")
+    p.add_argument("--base-seed", type=number(int, 0, high=2**64 - 1), default=0,
+                   help="seed of the pretrained base model, 0..2**64-1 (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--cache", default=None, help="folder of the pretrained-base cache (default: the output folder)")
+    p.add_argument("--checkpoint-every", type=number(int, 1), default=500,
+                   help="save out/checkpoint.pt every this many fine-tuning steps, and at the end (default 500)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out; every setting that changes the numbers must match it")
     args = p.parse_args(argv)
 
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in args.targets if t not in MATRICES]
     if unknown or not args.targets or len(set(args.targets)) != len(args.targets):
         p.error(f"--targets must name distinct matrices from {','.join(MATRICES)}, got {','.join(args.targets) or 'nothing'}")
-    n_tasks, n_candidates = len(data.TASKS), GPTConfig.n_layer * len(args.targets)
-    if args.budget > n_tasks * n_candidates:
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or any(t not in data.TASKS for t in args.tasks) or len(set(args.tasks)) != len(args.tasks):
+        p.error(f"--tasks must name distinct tasks from {','.join(data.TASKS)}, got {','.join(args.tasks) or 'nothing'}")
+    # eval_set draws distinct held-out inputs and cannot return more than a task has; add has the
+    # fewest and is quick to count, so the other tasks are counted only when add's count is exceeded
+    if args.eval_examples > data.heldout_size("add"):
+        short = next((t for t in args.tasks + ["copy"] if data.heldout_size(t) < args.eval_examples), None)
+        if short:
+            p.error(f"--eval-examples {args.eval_examples} is more than the {data.heldout_size(short)} held-out "
+                    f"inputs of task {short}; use at most that many")
+    n_tasks, n_candidates = len(args.tasks), GPTConfig.n_layer * len(args.targets)
+    if args.allocation is not None:  # read and check the file now; main() uses the checked counts
+        with torch.device("meta"):  # only the module names are needed: no memory, no random numbers
+            candidates = candidate_names(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), args.targets)
+        try:
+            counts = read_allocation(args.allocation, candidates)
+        except ValueError as e:
+            p.error(f"--allocation {args.allocation}: {e}")
+        if args.budget is not None and args.budget != sum(counts.values()):
+            p.error(f"--allocation {args.allocation} spends {sum(counts.values())} experts but --budget is {args.budget}; "
+                    f"make them agree, or leave --budget out to spend the file's {sum(counts.values())}")
+        args.allocation, args.budget = counts, sum(counts.values())
+    budget_given = args.budget is not None
+    if not budget_given:
+        args.budget = 16
+    if args.allocation is None and args.budget > n_tasks * n_candidates:
         p.error(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
-                f"{n_tasks} x {n_candidates}), got {args.budget}")
-    if args.alloc == "uniform":
+                f"{n_tasks} x {n_candidates}), got {args.budget}{'' if budget_given else ' (the default)'}")
+    if args.allocation is None and args.alloc == "uniform":
         try:
             allocate_uniform(range(n_candidates), args.budget)
         except ValueError as e:
             p.error(f"--budget: {e}")
+    if args.resume and "RANK" in os.environ:
+        p.error("--resume continues single-process runs only; run it without torchrun")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -388,4 +659,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # outside fine-tuning, which saves a checkpoint itself; files are written atomically
+        sys.exit("train.py: interrupted by Ctrl-C outside fine-tuning; no file was left half-written")
