@@ -407,6 +407,7 @@ def test_batch_masks_the_prompt():
     (["--lr", "nan"], "--lr: expected a number > 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
     (["--targets", "q_proj,w_proj"], "--targets must name distinct matrices"),
+    (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
 ])
 def test_bad_arguments_give_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -447,11 +448,13 @@ def test_train_py_end_to_end_with_tiny_settings(tmp_path):
     assert sum(allocation.values()) == 7 and all(n > 0 for n in allocation.values())
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["accuracy"]) == set(data.TASKS) and len(results["history"]) == 2
+    assert results["config"]["dtype"] == "fp32"  # auto means fp32 on a CPU
     assert results["parameters"]["trainable"] < results["parameters"]["total"]
     adapter = torch.load(tmp_path / "adapter.pt", weights_only=True)
     assert adapter["allocation"] == allocation
     assert {k.rsplit(".", 1)[0].removesuffix(".router") for k in adapter["adapter"]} == set(allocation)
-    proc = run_train(*tiny)  # the second run finds the pretrained base in the cache
+    proc = run_train(*tiny, "--dtype", "bf16")  # finds the pretrained base in the cache; bf16 leaves sensitivity alone
     assert proc.returncode == 0 and "loaded the pretrained base model" in proc.stdout + proc.stderr
+    assert "(bf16 autocast)" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "allocation.json").read_text()) == allocation
     assert not list(tmp_path.glob("*.tmp"))
