@@ -80,22 +80,24 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x):
         E, r, O = self.num_experts, self.r, self.out_features
-        y = self.base(x)                                              # (..., out)
         xs = x.reshape(-1, self.in_features)                          # (N, C)
         h = xs @ self.lora_A.reshape(E * r, -1).t()                   # (N, E*r) every expert's A_i x at once
         if self.router is not None:
             logits = self.router(xs)                                  # (N, E)
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)     # (N, k)
             # softmax over the k chosen logits [4]; unchosen experts get gate 0
-            gates = torch.zeros_like(logits).scatter(-1, top_idx, F.softmax(top_logits, dim=-1))  # (N, E)
+            top_gates = F.softmax(top_logits, dim=-1)                 # (N, k) float32 under CUDA autocast
+            gates = torch.zeros_like(logits, dtype=top_gates.dtype).scatter(-1, top_idx, top_gates)  # (N, E)
             h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)  # (N, E*r) gate each rank group
-            self.aux_loss = load_balancing_loss(logits, self.top_k)
+            self.aux_loss = load_balancing_loss(logits, self.top_k, top_idx)
             self.expert_counts = torch.zeros(E, device=x.device).index_add_(
                 0, top_idx.flatten(), torch.ones(top_idx.numel(), device=x.device)).detach()  # (E,)
         # cat rather than permute + reshape: lora_B's gradient then comes back contiguous, as DDP's buckets expect
         B_all = torch.cat(list(self.lora_B), dim=1)                   # (out, E*r) = [B_1 | B_2 | ... | B_E]
-        delta = h @ B_all.t()                                         # (N, out)
-        return y + self.scaling * delta.view(*x.shape[:-1], O)        # base(x) + scaling * B(A(x))
+        # base(x) + scaling * B(A(x)), with the B matmul adding into the base output: one GEMM and no
+        # (N, out) temporaries for the scaled delta and the sum, forward or backward (bench/bench.py)
+        y = torch.addmm(self.base(xs), h, B_all.t(), alpha=self.scaling)  # (N, out)
+        return y.view(*x.shape[:-1], O)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, top_k={self.top_k}"
@@ -105,22 +107,24 @@ class LoRAMoELinear(nn.Module):
 # Load-balancing loss
 
 
-def load_balancing_loss(router_logits, top_k):
+def load_balancing_loss(router_logits, top_k, top_idx=None):
     """Switch Transformer [3] eq. (4), normalised so that uniform routing gives 1:
 
         f_i = (routing slots that chose expert i) / (N * k)
         P_i = mean over tokens of softmax(router_logits)_i
         L   = E * sum_i f_i * P_i
 
-    router_logits: (N, E). Uniform routing gives 1 for any E and k; every token on
-    one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by N, not N*k,
-    so its value is k times this one.
+    router_logits: (N, E). top_idx: (N, k), the experts each token chose, if the caller
+    has them already (saves a second top-k). Uniform routing gives 1 for any E and k;
+    every token on one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by
+    N, not N*k, so its value is k times this one.
     Example by hand: E = 2, k = 1, two tokens both routed to expert 0 with
     P = (0.75, 0.25): f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
     """
     N, E = router_logits.shape
     probs = F.softmax(router_logits, dim=-1)                          # (N, E)
-    top_idx = router_logits.topk(top_k, dim=-1).indices               # (N, k)
+    if top_idx is None:
+        top_idx = router_logits.topk(top_k, dim=-1).indices           # (N, k)
     slots = torch.zeros(E, device=router_logits.device).index_add_(
         0, top_idx.flatten(), torch.ones(top_idx.numel(), device=router_logits.device))  # (E,)
     f = slots / (N * top_k)                                           # (E,) fraction of routing slots

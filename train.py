@@ -117,6 +117,12 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def to_device(t, device):
+    """A CPU tensor onto the device. On CUDA through pinned memory without waiting: a plain copy
+    from pageable memory would make the host wait for the device at every step (nanoGPT does the same)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -284,7 +290,7 @@ def pretrained_base(args, cfg, device):
     pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
     for step in pbar:
         x, y = data.get_batch(["copy"], args.batch_size, rng)
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(to_device(x, device), to_device(y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
@@ -406,9 +412,13 @@ def main(args):
     tqdm.write(f"4. parameters: {n_total:,} total, {n_trainable:,} trainable (LoRA and routers); "
                f"plain LoRA r={args.rank} on all {len(candidates)} candidates would train {n_lora:,}")
 
-    # 5. fine-tune on the mixture of tasks, from step 0 or from the checkpoint
+    # 5. fine-tune on the mixture of tasks, from step 0 or from the checkpoint; with --dtype bf16 the forward
+    # pass runs under bf16 autocast (float32 weights and optimizer, bf16 matmuls); pretraining, sensitivity
+    # and evaluation stay in float32
     t0 = time.time()
-    tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    tqdm.write(f"5. fine-tuning on the mixture of {', '.join(tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux"
+               + (" (bf16 autocast)" if args.dtype == "bf16" else ""))
     raw_model = model  # the model itself, also when DDP wraps it for training
     if ddp:  # [ddp] average the adapter gradients over the ranks in backward; an expert without tokens gets zeros
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -467,8 +477,9 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = data.get_batch(tasks, args.batch_size, rng)
-        _, ce = model(x.to(device), y.to(device))
-        aux = moe_aux_loss(raw_model)  # mean load-balancing loss over the routing layers
+        with autocast:
+            _, ce = model(to_device(x, device), to_device(y, device))
+            aux = moe_aux_loss(raw_model)  # mean load-balancing loss over the routing layers
         loss = ce + args.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -584,6 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--base-seed", type=number(int, 0, high=2**64 - 1), default=0,
                    help="seed of the pretrained base model, 0..2**64-1 (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="fine-tuning precision: bf16 autocast or float32; auto is bf16 on a CUDA GPU that supports it, else fp32")
     p.add_argument("--out", default="out", help="output folder (default out)")
     p.add_argument("--cache", default=None, help="folder of the pretrained-base cache (default: the output folder)")
     p.add_argument("--checkpoint-every", type=number(int, 1), default=500,
@@ -643,6 +656,11 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if args.dtype == "auto":
+        args.dtype = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if args.dtype == "bf16" and not bf16_ok:
+        p.error(f"--dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; use --dtype fp32")
     if device.type == "mps" and "RANK" in os.environ:
         p.error("--device mps cannot run under torchrun (its gloo and nccl backends need cpu or cuda)")
     args.cache = args.cache or args.out
