@@ -3,8 +3,8 @@ LoRA-SMoE in one file: a mixture of LoRA experts whose expert counts per weight
 matrix are allocated from gradient sensitivity under a fixed budget.
 
 Read top to bottom, smallest piece first:
-  1. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
-  2. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
+  1. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
+  2. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
   3. GPT                  a tiny transformer with separate q, k, v, o projections
   4. candidate_names      pick the candidate nn.Linear modules of any model by name or pattern
   5. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
@@ -38,6 +38,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Routing statistics and the load-balancing loss
+
+
+def routing_counts(top_idx, num_experts):
+    """(E,) how many of the routing slots top_idx (N, k) chose each expert. Stays on the device."""
+    ones = torch.ones(top_idx.numel(), device=top_idx.device)
+    return torch.zeros(num_experts, device=top_idx.device).index_add_(0, top_idx.flatten(), ones)
+
+
+def load_balancing_loss(router_logits, top_k, top_idx=None):
+    """Switch Transformer [3] eq. (4), normalised so that uniform routing gives 1:
+
+        f_i = (routing slots that chose expert i) / (N * k)
+        P_i = mean over tokens of softmax(router_logits)_i
+        L   = E * sum_i f_i * P_i
+
+    router_logits: (N, E). top_idx: (N, k), the experts each token chose, if the caller
+    has them already (saves a second top-k). Uniform routing gives 1 for any E and k;
+    every token on one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by
+    N, not N*k, so its value is k times this one.
+    Example by hand: E = 2, k = 1, two tokens both routed to expert 0 with
+    P = (0.75, 0.25): f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
+    """
+    N, E = router_logits.shape
+    probs = F.softmax(router_logits, dim=-1)                          # (N, E)
+    if top_idx is None:
+        top_idx = router_logits.topk(top_k, dim=-1).indices           # (N, k)
+    f = routing_counts(top_idx, E) / (N * top_k)                                           # (E,) fraction of routing slots
+    P = probs.mean(dim=0)                                             # (E,) mean router probability
+    return E * (f * P).sum()
+
 
 # -----------------------------------------------------------------------------
 # The LoRA-MoE linear layer
@@ -90,8 +123,7 @@ class LoRAMoELinear(nn.Module):
             gates = torch.zeros_like(logits, dtype=top_gates.dtype).scatter(-1, top_idx, top_gates)  # (N, E)
             h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)  # (N, E*r) gate each rank group
             self.aux_loss = load_balancing_loss(logits, self.top_k, top_idx)
-            self.expert_counts = torch.zeros(E, device=x.device).index_add_(
-                0, top_idx.flatten(), torch.ones(top_idx.numel(), device=x.device)).detach()  # (E,)
+            self.expert_counts = routing_counts(top_idx, E).detach()  # (E,)
         # cat rather than permute + reshape: lora_B's gradient then comes back contiguous, as DDP's buckets expect
         B_all = torch.cat(list(self.lora_B), dim=1)                   # (out, E*r) = [B_1 | B_2 | ... | B_E]
         # base(x) + scaling * B(A(x)), with the B matmul adding into the base output: one GEMM and no
@@ -104,32 +136,7 @@ class LoRAMoELinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Load-balancing loss
-
-
-def load_balancing_loss(router_logits, top_k, top_idx=None):
-    """Switch Transformer [3] eq. (4), normalised so that uniform routing gives 1:
-
-        f_i = (routing slots that chose expert i) / (N * k)
-        P_i = mean over tokens of softmax(router_logits)_i
-        L   = E * sum_i f_i * P_i
-
-    router_logits: (N, E). top_idx: (N, k), the experts each token chose, if the caller
-    has them already (saves a second top-k). Uniform routing gives 1 for any E and k;
-    every token on one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by
-    N, not N*k, so its value is k times this one.
-    Example by hand: E = 2, k = 1, two tokens both routed to expert 0 with
-    P = (0.75, 0.25): f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
-    """
-    N, E = router_logits.shape
-    probs = F.softmax(router_logits, dim=-1)                          # (N, E)
-    if top_idx is None:
-        top_idx = router_logits.topk(top_k, dim=-1).indices           # (N, k)
-    slots = torch.zeros(E, device=router_logits.device).index_add_(
-        0, top_idx.flatten(), torch.ones(top_idx.numel(), device=router_logits.device))  # (E,)
-    f = slots / (N * top_k)                                           # (E,) fraction of routing slots
-    P = probs.mean(dim=0)                                             # (E,) mean router probability
-    return E * (f * P).sum()
+# The LoRA-MoE layers of a model
 
 
 def moe_layers(model):
