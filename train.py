@@ -1,7 +1,7 @@
 """
 LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
 
-  1. pretrain a tiny base model on the copy task (or load it from the cache in --cache)
+  1. pretrain a tiny base model on copy and digit sums (or load it from the cache in --cache)
   2. measure each task's sensitivity to each candidate matrix      (smoe.compute_sensitivity)
   3. allocate the expert budget by per-task votes                   (smoe.allocate_experts)
      (or by a peer's rule, --alloc, or from a file, --allocation)
@@ -267,14 +267,14 @@ def read_allocation(path, candidates):
 def base_cache(args, cfg):
     """Where the pretrained base is cached, and the key it is cached under: everything that shapes
     the base (model configuration, a fingerprint of the data, base seed, pretraining settings)."""
-    fingerprint = [data.sample("copy", random.Random(i), "train") for i in range(32)]  # changes if data.py does
+    fingerprint = [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(16)]  # changes if data.py does
     key = json.dumps({"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
                       "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}, sort_keys=True)
     return os.path.join(args.cache, f"base-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"), key
 
 
 def pretrained_base(args, cfg, device):
-    """Phase 1: the base model pretrained on copy, loaded from the cache when it holds exactly
+    """Phase 1: the base model pretrained on copy and digit sums, loaded from the cache when it holds exactly
     this base (load_base checks it), pretrained and cached otherwise."""
     cache, key = base_cache(args, cfg)
     torch.manual_seed(args.base_seed)
@@ -283,13 +283,14 @@ def pretrained_base(args, cfg, device):
     if not reason:
         tqdm.write(f"1. loaded the pretrained base model from {cache}")
         return model
-    tqdm.write(f"1. pretraining the base model on copy ({args.pretrain_steps} steps, cache {cache}: {reason})")
+    tqdm.write(f"1. pretraining the base model on {' and '.join(data.PRETRAIN_TASKS)} ({args.pretrain_steps} steps, "
+               f"cache {cache}: {reason})")
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
     pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
     for step in pbar:
-        x, y = data.get_batch(["copy"], args.batch_size, rng)
+        x, y = data.get_batch(data.PRETRAIN_TASKS, args.batch_size, rng)
         _, loss = model(to_device(x, device), to_device(y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,7 +336,7 @@ def main(args):
     if not args.resume and os.path.exists(ckpt_path):
         tqdm.write(f"   note: this run will replace {ckpt_path}; stop now and add --resume to continue that run instead")
 
-    # 1. pretrain the base model on copy, or load it from the cache keyed by its settings
+    # 1. pretrain the base model on copy and digit sums, or load it from the cache keyed by its settings
     t0 = time.time()
     if ddp and rank > 0:
         dist.barrier()  # [ddp] wait until rank 0 has pretrained the base model and cached it, then load it
@@ -344,8 +345,9 @@ def main(args):
         dist.barrier()  # [ddp] the cache is on disk: let the other ranks go on
     torch.manual_seed(args.seed)  # everything from here on (sampling, adapter initialisation) follows --seed
     base_acc = evaluate(model, eval_sets, device)
-    base_copy = evaluate(model, {"copy": data.eval_set("copy", args.eval_examples)}, device)["copy"]
-    tqdm.write(f"   base model: copy {base_copy:.2f} (its pretraining task); "
+    base_own = evaluate(model, {t: data.eval_set(t, min(args.eval_examples, data.heldout_size(t)))
+                                for t in data.PRETRAIN_TASKS}, device)
+    tqdm.write(f"   base model: {', '.join(f'{t} {a:.2f}' for t, a in base_own.items())} (its pretraining tasks); "
                + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
     times["pretrain"] = time.time() - t0
 
@@ -583,8 +585,8 @@ def parse_args(argv=None):
                    help=f"comma-separated fine-tuning tasks, from {','.join(data.TASKS)} (default all)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
                    help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default q,k,v,o)")
-    p.add_argument("--steps", type=number(int, 1), default=3000, help="fine-tuning steps (default 3000)")
-    p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="base-model pretraining steps on copy (default 2000)")
+    p.add_argument("--steps", type=number(int, 1), default=4000, help="fine-tuning steps (default 4000)")
+    p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="base-model pretraining steps on copy and digit sums (default 2000)")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per batch (default 64)")
     p.add_argument("--lr", type=number(float, 0, inclusive=False), default=3e-3, help="peak fine-tuning learning rate, cosine-decayed (default 3e-3)")
     p.add_argument("--pretrain-lr", type=number(float, 0, inclusive=False), default=1e-3, help="pretraining learning rate (default 1e-3)")
