@@ -44,7 +44,7 @@ from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_mo
 from train import allocation_table, number, to_device
 
 # train.py's defaults, the setting the step and sensitivity measurements describe
-RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 3e-3, 64, 4, 3000
+RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 3e-3, 64, 4, 4000
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BUDGET = 16
 
