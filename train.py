@@ -560,6 +560,32 @@ def number(kind, low, inclusive=True, high=None):
     return parse
 
 
+def check_device(p, args, types=("cpu", "cuda", "mps")):
+    """Resolve --device auto (cuda, then mps, then cpu, among `types`) and --dtype auto (bf16
+    autocast on a CUDA GPU that supports it, else fp32) in place; p.error names what this
+    machine lacks. Returns the torch.device. bench/bench.py uses it too."""
+    if args.device == "auto":
+        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+        args.device = next(t for t in ("cuda", "mps", "cpu") if t in types and available[t])
+    names = ["auto"] + [n for t in types for n in ((t, f"{t}:N") if t == "cuda" else (t,))]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in types:
+        p.error(f"--device must be {', '.join(names[:-1])} or {names[-1]}, got {args.device!r}")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if args.dtype == "auto":
+        args.dtype = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if args.dtype == "bf16" and not bf16_ok:
+        p.error(f"--dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; use --dtype fp32")
+    return device
+
+
 def parse_args(argv=None):
     p = Parser(description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
     p.add_argument("--budget", type=number(int, 1), default=None,
@@ -646,23 +672,7 @@ def parse_args(argv=None):
             p.error(f"--budget: {e}")
     if args.resume and "RANK" in os.environ:
         p.error("--resume continues single-process runs only; run it without torchrun")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if device.type not in ("cpu", "cuda", "mps"):
-        p.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        p.error(f"--device {args.device}: MPS is not available here (use cpu or auto)")
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if args.dtype == "auto":
-        args.dtype = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
-    if args.dtype == "bf16" and not bf16_ok:
-        p.error(f"--dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; use --dtype fp32")
+    device = check_device(p, args)
     if device.type == "mps" and "RANK" in os.environ:
         p.error("--device mps cannot run under torchrun (its gloo and nccl backends need cpu or cuda)")
     args.cache = args.cache or args.out

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data
 from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_moe, candidate_names,
                   compute_sensitivity, moe_aux_loss)
-from train import allocation_table, number, to_device
+from train import allocation_table, check_device, number, to_device
 
 # train.py's defaults, the setting the step and sensitivity measurements describe
 RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 3e-3, 64, 4, 4000
@@ -390,21 +390,7 @@ def parse_args(argv=None):
     args.dims, args.ranks = ((128, 512), (8,)) if args.quick else ((128, 512, 1024), (4, 8))
     args.rounds = min(args.rounds, 3) if args.quick else args.rounds
     args.step_rounds, args.sens_rounds = (5, 3) if args.quick else (15, 5)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        p.error(f"--device {args.device}: no such CUDA device here (use cpu or auto)")
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if args.dtype == "auto":
-        args.dtype = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
-    if args.dtype == "bf16" and not bf16_ok:
-        p.error(f"--dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; use --dtype fp32")
+    device = check_device(p, args, types=("cpu", "cuda"))
     args.allocation_path = args.allocation
     if args.allocation is not None:
         try:
