@@ -16,8 +16,8 @@ Pretraining uses two other tasks: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sing
 sums ("F7+8=15."). The base model learns the alphabet, the digits, the line format and the
 sums of two digits (as a pretrained language model knows arithmetic facts), but none of the
 four tasks: two-digit addition still needs the digits aligned and the carry passed on. Without
-the sums, a base pretrained on copy alone never learned add in our runs: attention-only adapters
-over a frozen MLP cannot make up an addition table (README.md, "The toy").
+the sums, a base pretrained on copy alone learned add in one run out of four: attention-only
+adapters over a frozen MLP can hardly make up an addition table (README.md, "The toy").
 
 Held-out evaluation: an input whose CRC-32 is divisible by 10 is held out from all
 training, pretraining included, whatever the task; evaluation draws only from those.
