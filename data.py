@@ -108,7 +108,6 @@ def eval_set(task, n, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def heldout_size(task):
     """How many distinct held-out inputs `task` has: the most examples eval_set can return.
     add has the fewest (its 10,000 inputs are counted at once); the letter tasks draw from the

@@ -4,7 +4,9 @@ matrix are allocated from gradient sensitivity under a fixed budget.
 
 Read top to bottom, smallest piece first:
   1. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
+                          (routing_counts: routing slots per expert, for it and for the layer)
   2. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
+                          (moe_layers, moe_aux_loss: a model's LoRA-MoE layers and their mean loss)
   3. GPT                  a tiny transformer with separate q, k, v, o projections
   4. candidate_names      pick the candidate nn.Linear modules of any model by name or pattern
   5. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2

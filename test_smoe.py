@@ -1066,3 +1066,12 @@ def test_resume_under_torchrun_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "0")  # what torchrun sets; resume restores one process's data order only
     with pytest.raises(SystemExit, match="--resume continues single-process runs only"):
         train.parse_args(["--resume", "--out", str(tmp_path)])
+
+
+def test_only_the_vote_rules_are_capped_at_tasks_x_candidates(tmp_path):
+    # votes give a matrix at most one expert per task; uniform, mola and alpha have no such cap
+    args = train.parse_args(["--tasks", "add", "--alloc", "uniform", "--budget", "32", "--out", str(tmp_path)])
+    assert args.budget == 32
+    for rule in ("sensitivity", "random"):
+        with pytest.raises(SystemExit, match="--budget must be from 1 to 16"):
+            train.parse_args(["--tasks", "add", "--alloc", rule, "--budget", "32", "--out", str(tmp_path)])

@@ -12,7 +12,8 @@ LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
 Run:  python train.py --budget 16        (python train.py --help for every flag)
       torchrun --nproc_per_node=N train.py --budget 16   (N processes, DistributedDataParallel)
 Writes to --out: allocation.json, results.json, adapter.pt, checkpoint.pt (every --checkpoint-every
-steps and at the end; `--resume` continues from it, Ctrl-C saves it) and the cached base model.
+steps and at the end; `--resume` continues from it, Ctrl-C saves it), and the cached base model
+to --cache (default --out).
 A bad flag or file stops the run with one line `train.py: error: ...` and a non-zero exit.
 
 References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
@@ -589,8 +590,9 @@ def check_device(p, args, types=("cpu", "cuda", "mps")):
 def parse_args(argv=None):
     p = Parser(description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
     p.add_argument("--budget", type=number(int, 1), default=None,
-                   help="total experts to spend over the candidate matrices, 1..tasks x candidates (default 16 = one per candidate, "
-                        "plain LoRA's count; with --allocation, the file's total)")
+                   help="total experts to spend over the candidate matrices, 1..tasks x candidates for the vote rules "
+                        "(sensitivity, random); default 16, one per candidate with the default --targets; "
+                        "with --allocation, the file's total")
     p.add_argument("--allocation", metavar="FILE", default=None,
                    help="a JSON file {module name: experts} (the format of allocation.json, zeros may be left out) "
                         "to use instead of the sensitivity allocation; its total must equal --budget if that is given")
@@ -662,7 +664,7 @@ def parse_args(argv=None):
     budget_given = args.budget is not None
     if not budget_given:
         args.budget = 16
-    if args.allocation is None and args.budget > n_tasks * n_candidates:
+    if args.allocation is None and args.alloc in ("sensitivity", "random") and args.budget > n_tasks * n_candidates:
         p.error(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
                 f"{n_tasks} x {n_candidates}), got {args.budget}{'' if budget_given else ' (the default)'}")
     if args.allocation is None and args.alloc == "uniform":

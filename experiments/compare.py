@@ -13,7 +13,6 @@ Flags it does not know go to every train.py run, e.g. `python experiments/compar
 Writes out/compare/compare.json and one folder per run. See README.md for the measured table.
 """
 
-import argparse
 import json
 import os
 import random
@@ -58,7 +57,7 @@ def overlap(a, b):
     return sum(min(a[m], b[m]) for m in a) / sum(a.values())
 
 
-def stability(args, seeds):
+def stability(args, seeds, tasks):
     """Sensitivity from few (train.py's --sens-batches) vs many (--many-batches) batches, per seed."""
     base_args = train.parse_args(["--device", args.device, "--out", args.out, "--budget", str(args.budget), *args.shared])
     device = torch.device(base_args.device)
@@ -71,7 +70,7 @@ def stability(args, seeds):
         return model(x.to(device), y.to(device))[1]
 
     def scores(n_batches, rng):
-        batches = {t: [data.get_batch([t], base_args.batch_size, rng) for _ in range(n_batches)] for t in data.TASKS}
+        batches = {t: [data.get_batch([t], base_args.batch_size, rng) for _ in range(n_batches)] for t in tasks}
         return compute_sensitivity(model, batches, loss_fn, candidates)
 
     many = scores(args.many_batches, random.Random("stability-many"))
@@ -88,7 +87,7 @@ def stability(args, seeds):
             chance.append(overlap(dict(zip(few_alloc, counts)), many_alloc))
         per_seed.append({"seed": seed,
                          "spearman": {t: spearman([few[t][m] for m in candidates], [many[t][m] for m in candidates])
-                                      for t in data.TASKS},
+                                      for t in tasks},
                          "overlap": overlap(few_alloc, many_alloc), "chance_overlap": statistics.fmean(chance)})
     return {"few_batches": base_args.sens_batches, "many_batches": args.many_batches,
             "many_allocation": many_alloc, "per_seed": per_seed}
@@ -110,7 +109,8 @@ def main():
     p.add_argument("--out", default=os.path.join("out", "compare"), help="output folder (default out/compare)")
     args, shared = p.parse_known_args()  # any other flag is passed on to every train.py run, e.g. --rank 4
     args.shared = shared
-    n_candidates = GPTConfig.n_layer * 4
+    shared_args = train.parse_args(["--out", args.out, *shared])  # the tasks and targets every run shares
+    tasks, n_candidates = shared_args.tasks, GPTConfig.n_layer * len(shared_args.targets)
     runs = [(rule, args.budget) for rule in train.ALLOC_RULES]
     if args.budget != n_candidates:
         runs.append(("plain LoRA", n_candidates))  # uniform at budget M: one expert, no router, per matrix
@@ -133,10 +133,9 @@ def main():
         results[rule, seed] = train.main(train.parse_args(argv))
 
     tqdm.write("\n=== stability of the sensitivity signal ===")
-    stable = stability(args, range(args.seeds))
+    stable = stability(args, range(args.seeds), tasks)
 
     # the table: mean (sd) over seeds
-    tasks = list(data.TASKS)
     rows = []
     for rule, budget in runs:
         rs = [results[rule, seed] for seed in range(args.seeds)]
