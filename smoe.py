@@ -69,7 +69,7 @@ def load_balancing_loss(router_logits, top_k, top_idx=None):
     probs = F.softmax(router_logits, dim=-1)                          # (N, E)
     if top_idx is None:
         top_idx = router_logits.topk(top_k, dim=-1).indices           # (N, k)
-    f = routing_counts(top_idx, E) / (N * top_k)                                           # (E,) fraction of routing slots
+    f = routing_counts(top_idx, E) / (N * top_k)                      # (E,) fraction of routing slots
     P = probs.mean(dim=0)                                             # (E,) mean router probability
     return E * (f * P).sum()
 

@@ -118,6 +118,14 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """obj as indented JSON at `path`, written atomically (write_atomic)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, write)
+
+
 def to_device(t, device):
     """A CPU tensor onto the device. On CUDA through pinned memory without waiting: a plain copy
     from pageable memory would make the host wait for the device at every step (nanoGPT does the same)."""
@@ -217,6 +225,14 @@ def read_checkpoint(path, config):
     return ckpt
 
 
+def note_nonfinite(bad_step, step, loss, params):
+    """Record in bad_step (2,) the first step (counted from 1) whose loss, gradient norm over
+    `params` is not finite. Stays on the device: no wait for it at every step."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    bad = ~torch.isfinite(torch.stack([loss.detach(), grad_norm]))
+    return torch.where(bad & (bad_step == 0), step + 1, bad_step)
+
+
 def stop_if_nonfinite(bad_step, phase, note):
     """bad_step: (2,) the first step (counted from 1) whose loss, gradient was not finite, 0 while
     none was. Reading it waits for the device, so the loops read it only at their log and
@@ -295,9 +311,7 @@ def pretrained_base(args, cfg, device):
         _, loss = model(to_device(x, device), to_device(y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        bad = ~torch.isfinite(torch.stack([loss.detach(), grad_norm]))
-        bad_step = torch.where(bad & (bad_step == 0), step + 1, bad_step)  # on the device: no wait here
+        bad_step = note_nonfinite(bad_step, step, loss, model.parameters())
         optimizer.step()
         if step % 25 == 0 or step == args.pretrain_steps - 1:
             stop_if_nonfinite(bad_step, "pretraining", ", nothing was cached")
@@ -403,8 +417,7 @@ def main(args):
     if args.top_k is not None and args.top_k > max(nonzero.values()):  # the default top-2 is clamped per matrix instead
         fail(f"--top-k {args.top_k} is more than the largest expert count in the allocation ({max(nonzero.values())}); "
              f"use --top-k {max(nonzero.values())} or less, a larger --budget, or leave --top-k out")
-    write_atomic(os.path.join(args.out, "allocation.json"),
-                 lambda p: open(p, "w").write(json.dumps(nonzero, indent=2) + "\n"))
+    write_json(os.path.join(args.out, "allocation.json"), nonzero)
 
     # 4. wrap the allocated matrices in LoRA-MoE layers; everything else is frozen
     top_k = args.top_k or 2  # default top-2, clamped to each matrix's expert count
@@ -486,9 +499,7 @@ def main(args):
         loss = ce + args.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        bad = ~torch.isfinite(torch.stack([loss.detach(), grad_norm]))
-        bad_step = torch.where(bad & (bad_step == 0), step + 1, bad_step)  # on the device: no wait here
+        bad_step = note_nonfinite(bad_step, step, loss, trainable)
         optimizer.step()
         if step % log_every == 0 or step == args.steps - 1:
             stop_if_nonfinite(bad_step, "fine-tuning", kept)
@@ -527,8 +538,7 @@ def main(args):
                "plain_lora_all_candidates": n_lora}, "sensitivity": sensitivity, "base_accuracy": base_acc,
                "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history, "curve": curve,
                "routing": routing, "times_s": times, "peak_memory_mb": memory, "world_size": world_size}
-    write_atomic(os.path.join(args.out, "results.json"),
-                 lambda p: open(p, "w").write(json.dumps(results, indent=2) + "\n"))
+    write_json(os.path.join(args.out, "results.json"), results)
     adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # LoRA, routers, allocation, settings
     write_atomic(os.path.join(args.out, "adapter.pt"), lambda p: torch.save(adapter, p))
     tqdm.write(f"   wrote allocation.json, results.json, adapter.pt and checkpoint.pt to {args.out}")

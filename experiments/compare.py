@@ -13,7 +13,6 @@ Flags it does not know go to every train.py run, e.g. `python experiments/compar
 Writes out/compare/compare.json and one folder per run. See README.md for the measured table.
 """
 
-import json
 import os
 import random
 import statistics
@@ -161,8 +160,7 @@ def main():
     lines.append(f"\ntotal time {total / 60:.1f} min")
     tqdm.write("\n" + "\n".join(lines))
     summary = {"settings": vars(args), "rows": rows, "stability": stable, "total_s": total, "table": lines}
-    train.write_atomic(os.path.join(args.out, "compare.json"),
-                       lambda path: open(path, "w").write(json.dumps(summary, indent=2) + "\n"))
+    train.write_json(os.path.join(args.out, "compare.json"), summary)
 
 
 if __name__ == "__main__":
