@@ -270,30 +270,49 @@ def candidate_names(model, targets):
     return [n for n in linears if any(n in names for names in matches.values())]
 
 # -----------------------------------------------------------------------------
-# Sensitivity: S_t(W_m) = sum over sampled batches b of task t of ||dL_t(b)/dW_m||_F^2   ([1] sec. 3.1)
+# Sensitivity: S_t(W_m) = sum over sampled examples x of task t of ||d l(x)/dW_m||_F^2   ([1] sec. 3.1)
 
 
-def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="sum"):
-    """Per-task sensitivity of each candidate base weight.
+def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="fisher", reduction="sum"):
+    """Per-task sensitivity of each candidate base weight (an nn.Linear's weight W, y = x W^T + b).
 
     task_batches: {task: [batch, ...]}, a few sampled batches per task.
-    loss_fn(model, batch) -> scalar loss of that batch.
+    loss_fn(model, batch) -> (B,) the loss of each example of the batch, e.g. each line's mean
+      cross-entropy over its answer tokens. ("batch" also takes a scalar batch loss.)
     module_names: qualified names of the candidate nn.Linear modules.
-    reduction: "sum" (the paper's score) or "mean" (divided by the weight's number of
-      entries, so that matrices of different shapes compete fairly).
-    Returns {task: {module_name: score}}: the squared Frobenius norms of the gradient
-    of each batch's loss with respect to W_m, summed over the task's batches. This is
-    the diagonal empirical Fisher the released code accumulates as (grad ** 2).sum(),
-    here in float32 and without gradient clipping. Nothing is updated, and the model's
-    weights, requires_grad flags, .grad fields and train/eval mode are left as found.
+    estimator:
+      "fisher" (default; the paper's quantity, which the released code sums at batch size 1):
+          S = sum over examples x of ||d l(x)/dW||_F^2, the trace of the diagonal empirical Fisher.
+      "batch": S = sum over batches b of ||d L(b)/dW||_F^2 with L(b) the batch-mean loss. Since
+          ||mean_x g(x)||^2 ~ ||E g||^2 + tr Cov(g) / |b|, it rewards gradients that agree across
+          examples: a different quantity, which can rank matrices differently.
+    reduction: "sum" (the paper's score) or "mean" (divided by the weight's number of entries, so
+      that matrices of different shapes compete fairly).
+    Returns {task: {module_name: score}}, in float32 and without gradient clipping (the released
+    code squares fp16 gradients after clipping them to norm 1: METHOD.md 2.1).
+
+    How the per-example gradients come out of one backward pass: the batch's examples do not
+    interact in the forward pass (true of transformers; not of batch norm), so the gradient of
+    sum_x l(x) at a linear layer's output, restricted to example x's tokens, is d l(x)/dy. For
+    y = x W^T the gradient of W is then G_x = sum over x's tokens of (dl/dy)^T x_in: one
+    (B, out, in) einsum per matrix. A forward hook keeps each candidate's input and output; one
+    backward per example gives the same numbers 10-50x slower (test_smoe.py checks they agree).
+    A candidate the loss never uses scores 0, with a warning naming it. Nothing is updated, and
+    the model's weights, requires_grad flags, .grad fields and train/eval mode are left as found.
     A score that is not finite (NaN or inf) raises ValueError naming the task and matrix.
 
-    Example: one batch whose gradient for W is [[1, -2], [0, 2]] gives
-    S = 1 + 4 + 0 + 4 = 9; a second batch with gradient [[0, 1], [1, 0]] adds 2: S = 11.
+    Example by hand, one matrix and one batch of two examples with per-example gradients
+    G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: "fisher" gives (1 + 4 + 0 + 4) + 1 = 10;
+    "batch" squares their mean [[1, -1], [0, 1]] and gives 1 + 1 + 0 + 1 = 3.
     """
+    if estimator not in ("fisher", "batch"):
+        raise ValueError(f"estimator must be 'fisher' or 'batch', got {estimator!r}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    weights = {name: model.get_submodule(name).weight for name in module_names}
+    modules = {name: model.get_submodule(name) for name in module_names}
+    not_linear = [name for name, m in modules.items() if not isinstance(m, nn.Linear)]
+    if not_linear:
+        raise ValueError(f"{not_linear[0]} is a {type(modules[not_linear[0]]).__name__}; sensitivity is measured on nn.Linear weights")
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
@@ -302,30 +321,74 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, reduction="s
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    for w in weights.values():
-        w.requires_grad_(True)  # gradients flow only where we read them
-    scores = {}
+    for m in modules.values():
+        m.weight.requires_grad_(True)  # puts each candidate's output in the autograd graph
+    seen = {name: [] for name in modules}  # (input, output) of every call of each candidate in one forward
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen[name].append((inp[0], out)))
+             for name, m in modules.items()]
+    scores, unused = {}, set(modules)
     try:
         for task, batches in task_batches.items():
-            acc = {name: torch.zeros((), device=w.device) for name, w in weights.items()}
+            acc = {name: torch.zeros((), dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
             for batch in batches:
-                loss = loss_fn(model, batch)
-                grads = torch.autograd.grad(loss.float(), list(weights.values()))
-                for name, g in zip(weights, grads):
-                    acc[name] += g.float().pow(2).sum()  # ||dL/dW||_F^2, squared in float32
-            scores[task] = {name: (acc[name] / (weights[name].numel() if reduction == "mean" else 1)).item()
-                            for name in weights}
+                for calls in seen.values():
+                    calls.clear()
+                losses = loss_fn(model, batch).float()                        # (B,) or () for "batch"
+                if losses.dim() != 1 and not (estimator == "batch" and losses.dim() == 0):
+                    raise ValueError(f"loss_fn must return one loss per example, shape (B,), got shape {tuple(losses.shape)}"
+                                     + (" (a scalar batch loss works only with estimator='batch')" if losses.dim() == 0 else ""))
+                total = losses.sum() if estimator == "fisher" else losses.mean()
+                calls = [(name, x, y) for name, pairs in seen.items() for x, y in pairs]
+                grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
+                per_example = {}  # name -> (B, out, in) gradient of each example's loss (of the batch loss: B = 1)
+                for (name, x, y), g in zip(calls, grads):
+                    if g is None:
+                        continue  # this call does not reach the loss
+                    B = losses.shape[0] if estimator == "fisher" else 1
+                    if estimator == "fisher" and (x.dim() < 2 or x.shape[0] != B):
+                        raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
+                                         f"batch's {B} examples first; per-example gradients need the batch dimension first")
+                    g, x = g.float().reshape(B, -1, g.shape[-1]), x.float().reshape(B, -1, x.shape[-1])
+                    G = torch.einsum("bto,bti->boi", g, x)                    # (B, out, in) per-example dl/dW
+                    per_example[name] = per_example.get(name, 0) + G          # a module called twice adds up
+                for name, G in per_example.items():
+                    acc[name] += G.pow(2).sum()                               # sum over examples of ||G_x||_F^2
+                    unused.discard(name)
+            scores[task] = {name: (acc[name] / (m.weight.numel() if reduction == "mean" else 1)).item()
+                            for name, m in modules.items()}
             bad = [name for name, s in scores[task].items() if not math.isfinite(s)]
             if bad:  # a NaN or inf would be sorted arbitrarily by the allocation: refuse instead
                 raise ValueError(f"sensitivity of {bad[0]} to task {task!r} is {scores[task][bad[0]]} ({len(bad)} of "
-                                 f"{len(weights)} matrices not finite): the loss or its gradient overflowed, so no "
+                                 f"{len(modules)} matrices not finite): the loss or its gradient overflowed, so no "
                                  f"allocation can be made from these scores")
     finally:
+        for h in hooks:
+            h.remove()
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
             p.grad = grad
         model.train(was_training)
+    if unused and task_batches:
+        warnings.warn(f"{len(unused)} candidate matrices never reach the loss and score 0: {', '.join(sorted(unused)[:4])}"
+                      f"{', ...' if len(unused) > 4 else ''}", stacklevel=2)
     return scores
+
+
+def normalise_per_layer(sensitivity):
+    """Each task's scores as shares of that task's total within the same layer (layer_index), so
+    every layer's candidates sum to 1 per task. This is roughly what the released code does without
+    saying so: it clips each layer's gradient to norm 1 before reading the score (METHOD.md 2.1),
+    so a layer's matrices compete only with each other, and depth no longer decides the votes.
+    Example: {"t": {"layers.0.q": 6, "layers.0.k": 2, "layers.1.q": 1, "layers.1.k": 3}}
+    -> {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}."""
+    shares = {}
+    for task, scores in sensitivity.items():
+        totals = {}
+        for name, s in scores.items():
+            totals[layer_index(name)] = totals.get(layer_index(name), 0.0) + s
+        shares[task] = {name: s / totals[layer_index(name)] if totals[layer_index(name)] > 0 else 0.0
+                        for name, s in scores.items()}
+    return shares
 
 # -----------------------------------------------------------------------------
 # Budgeted allocation by per-task votes   ([1] sec. 3.2, with an exact budget)

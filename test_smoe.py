@@ -28,7 +28,7 @@ import train
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, adapter_state_dict, allocate_alpha,
                   allocate_experts, allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion,
                   candidate_names, compute_sensitivity, layer_index, load_adapter, load_balancing_loss, moe_aux_loss,
-                  powerlaw_alpha)
+                  normalise_per_layer, powerlaw_alpha)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -205,30 +205,104 @@ def sensitivity_by_hooks(model, batches_by_task, names):
     return scores
 
 
-def test_sensitivity_equals_gradient_computed_from_hooks():
+def example_loss(model, batch):
+    """(B,) each line's own loss, as train.py defines it for the sensitivity."""
+    return train.example_losses(model, batch, torch.device("cpu"))
+
+
+def test_fisher_sensitivity_equals_one_backward_per_example():
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS + ("up_proj", "down_proj"))
+    batches = task_batches(["reverse", "add"], n_batches=2)
+    actual = compute_sensitivity(model, batches, example_loss, names)  # estimator="fisher", the default
+    reference = copy.deepcopy(model)
+    weights = [reference.get_submodule(n).weight.requires_grad_(True) for n in names]
+    for task, batches_ in batches.items():
+        expected = {name: 0.0 for name in names}
+        for x, y in batches_:
+            for i in range(len(x)):  # one example at a time: d l(x_i)/dW by plain autograd
+                grads = torch.autograd.grad(example_loss(reference, (x[i:i + 1], y[i:i + 1])).sum(), weights)
+                for name, g in zip(names, grads):
+                    expected[name] += g.double().pow(2).sum().item()
+        for name in names:
+            assert math.isclose(actual[task][name], expected[name], rel_tol=1e-4), (task, name, actual[task][name], expected[name])
+    # the per-entry mean divides each score by the matrix's size
+    mean = compute_sensitivity(model, batches, example_loss, names, reduction="mean")
+    w = model.get_submodule(names[-1]).weight
+    assert math.isclose(mean["add"][names[-1]], actual["add"][names[-1]] / w.numel(), rel_tol=1e-6)
+
+
+class Bilinear(nn.Module):
+    """y = x W^T on two tokens; example b's loss is sum_t c_bt . y_bt, so its gradient is
+    d l_b / dW = sum_t c_bt x_bt^T, which the test sets to any matrix it likes."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, 2, bias=False)
+
+
+def test_fisher_and_batch_estimators_worked_by_hand():
+    # the docstring's example: G_1 = [[1, -2], [0, 2]], G_2 = [[1, 0], [0, 0]]; with x_b1 = e1, x_b2 = e2
+    # the columns of G_b are the coefficients c_b1, c_b2
+    G = torch.tensor([[[1., -2.], [0., 2.]], [[1., 0.], [0., 0.]]])   # (B, out, in)
+    x = torch.eye(2).expand(2, 2, 2)                                   # (B, T, in): token t is e_t
+    c = G.transpose(1, 2)                                              # (B, T, out): c_bt = column t of G_b
+    loss_fn = lambda model, batch: (model.proj(batch[0]) * batch[1]).sum(dim=(1, 2))  # (B,)
+    model = Bilinear()
+    fisher = compute_sensitivity(model, {"t": [(x, c)]}, loss_fn, ["proj"])["t"]["proj"]
+    batch = compute_sensitivity(model, {"t": [(x, c)]}, loss_fn, ["proj"], estimator="batch")["t"]["proj"]
+    assert fisher == pytest.approx(10.0) and batch == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="one loss per example.*only with estimator='batch'"):
+        compute_sensitivity(model, {"t": [(x, c)]}, lambda m, b: loss_fn(m, b).mean(), ["proj"])
+
+
+def test_batch_sensitivity_equals_gradient_computed_from_hooks():
     model = tiny_gpt()
     names = candidate_names(model, TARGETS + ("up_proj", "down_proj"))
     batches = task_batches(["reverse", "add"], n_batches=3)
-    actual = compute_sensitivity(model, batches, lm_loss, names)
+    actual = compute_sensitivity(model, batches, lm_loss, names, estimator="batch")
     expected = sensitivity_by_hooks(model, batches, names)
     for task in batches:
         for name in names:
             assert math.isclose(actual[task][name], expected[task][name], rel_tol=1e-4), (task, name)
-    # the per-entry mean divides each score by the matrix's size
-    mean = compute_sensitivity(model, batches, lm_loss, names, reduction="mean")
-    w = model.get_submodule(names[-1]).weight
-    assert math.isclose(mean["add"][names[-1]], actual["add"][names[-1]] / w.numel(), rel_tol=1e-6)
 
 
 def test_sensitivity_sums_over_batches():
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
     batches = task_batches(["sort"], n_batches=2)
-    both = compute_sensitivity(model, batches, lm_loss, names)["sort"]
-    first = compute_sensitivity(model, {"sort": batches["sort"][:1]}, lm_loss, names)["sort"]
-    second = compute_sensitivity(model, {"sort": batches["sort"][1:]}, lm_loss, names)["sort"]
-    for name in names:
-        assert math.isclose(both[name], first[name] + second[name], rel_tol=1e-5)
+    for estimator in ("fisher", "batch"):
+        both = compute_sensitivity(model, batches, example_loss, names, estimator)["sort"]
+        first = compute_sensitivity(model, {"sort": batches["sort"][:1]}, example_loss, names, estimator)["sort"]
+        second = compute_sensitivity(model, {"sort": batches["sort"][1:]}, example_loss, names, estimator)["sort"]
+        for name in names:
+            assert math.isclose(both[name], first[name] + second[name], rel_tol=1e-5)
+
+
+class SideBranches(nn.Module):
+    """One linear that reaches the loss, one that runs but whose output is dropped, one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.dropped, self.never = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.dropped(x)
+        return self.used(x)
+
+
+def test_a_candidate_the_loss_never_uses_scores_zero_with_a_warning():
+    torch.manual_seed(0)
+    model = SideBranches()
+    loss_fn = lambda model, batch: model(batch).pow(2).sum(dim=1)  # (B,)
+    with pytest.warns(UserWarning, match="2 candidate matrices never reach the loss and score 0: dropped, never"):
+        scores = compute_sensitivity(model, {"t": [torch.randn(8, 4)]}, loss_fn, ["used", "dropped", "never"])["t"]
+    assert scores["dropped"] == 0.0 and scores["never"] == 0.0 and scores["used"] > 0
+
+
+def test_per_layer_normalisation_worked_example():
+    scores = {"t": {"layers.0.q": 6.0, "layers.0.k": 2.0, "layers.1.q": 1.0, "layers.1.k": 3.0}}
+    assert normalise_per_layer(scores) == {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}
 
 
 def test_sensitivity_leaves_the_model_as_found():
@@ -238,7 +312,8 @@ def test_sensitivity_leaves_the_model_as_found():
     model.tok_emb.weight.grad = torch.ones_like(model.tok_emb.weight)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    compute_sensitivity(model, task_batches(["shift"], 1), lm_loss, candidate_names(model, TARGETS))
+    hooks = {n: dict(m._forward_hooks) for n, m in model.named_modules()}
+    compute_sensitivity(model, task_batches(["shift"], 1), example_loss, candidate_names(model, TARGETS))
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
         if n == "tok_emb.weight":
@@ -246,6 +321,7 @@ def test_sensitivity_leaves_the_model_as_found():
         else:
             assert p.grad is None, n
     assert model.training
+    assert hooks == {n: dict(m._forward_hooks) for n, m in model.named_modules()}  # its hooks are removed
 
 # -----------------------------------------------------------------------------
 # Allocation
@@ -543,7 +619,7 @@ def test_whole_method_on_a_pytorch_transformer_encoder():
     batches = {t: [toy_batch(t, 16, gen) for _ in range(2)] for t in ("max", "last")}
 
     # sensitivity equals the squared .grad of plain loss.backward() on a copy, summed over batches
-    sensitivity = compute_sensitivity(model, batches, classify_loss, names)
+    sensitivity = compute_sensitivity(model, batches, classify_loss, names, estimator="batch")
     reference = copy.deepcopy(base)
     for task, task_batches_ in batches.items():
         expected = {name: 0.0 for name in names}
@@ -743,7 +819,7 @@ def test_train_py_under_torchrun_with_two_processes(tmp_path):
     model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
     model.load_state_dict(torch.load(cache, weights_only=True)["model"])
     names = candidate_names(model, TARGETS)
-    per_rank = [compute_sensitivity(model, task_batches(data.TASKS, 1, seed=f"sensitivity-{r}"), lm_loss, names)
+    per_rank = [compute_sensitivity(model, task_batches(data.TASKS, 1, seed=f"sensitivity-{r}"), example_loss, names)
                 for r in range(2)]
     assert per_rank[0] != per_rank[1]  # the two ranks scored different batches
     summed = {t: {n: per_rank[0][t][n] + per_rank[1][t][n] for n in names} for t in data.TASKS}
@@ -970,11 +1046,11 @@ def test_non_finite_sensitivity_is_refused(reference, tmp_path, monkeypatch):
     names = candidate_names(model, TARGETS)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="to task 'sort' is (nan|inf).*not finite.*no allocation can be made"):
-        compute_sensitivity(model, task_batches(["sort"], 1), lambda m, b: lm_loss(m, b) * float("inf"), names)
+        compute_sensitivity(model, task_batches(["sort"], 1), lambda m, b: example_loss(m, b) * float("inf"), names)
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}  # left as found all the same
     real = train.compute_sensitivity
-    monkeypatch.setattr(train, "compute_sensitivity", lambda model, batches, loss_fn, names, reduction:
-                        real(model, batches, lambda m, b: loss_fn(m, b) * float("inf"), names, reduction))
+    monkeypatch.setattr(train, "compute_sensitivity", lambda model, batches, loss_fn, *rest:
+                        real(model, batches, lambda m, b: loss_fn(m, b) * float("inf"), *rest))
     out = with_base(reference, tmp_path)
     assert "not finite" in fails_with(out)
     assert not (out / "allocation.json").exists()

@@ -34,13 +34,14 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 from smoe import (GPT, GPTConfig, adapter_state, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
                   allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
-                  load_adapter, moe_aux_loss, moe_layers, set_adapter)
+                  load_adapter, moe_aux_loss, moe_layers, normalise_per_layer, set_adapter)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
 ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --alloc may name
@@ -92,6 +93,41 @@ def routing_stats(model, eval_sets, device):
         entropy = -(share * share.clamp_min(1e-12).log()).sum() / math.log(m.num_experts)
         stats[name] = {"share": [round(s, 3) for s in share.tolist()], "entropy": round(entropy.item(), 3)}
     return stats
+
+
+def example_losses(model, batch, device):
+    """(B,) each line's mean cross-entropy over its answer tokens: the per-example loss l(x)
+    whose gradients the sensitivity squares. (The training loss averages over all answer tokens.)"""
+    x, y = (t.to(device) for t in batch)
+    logits, _ = model(x)                                                                  # (B, T, vocab)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T), 0 off the answer
+    return ce.sum(dim=1) / (y != -1).sum(dim=1)
+
+
+SHADES = " ░▒▓█"  # within 1, 2, 3, 4 decades of the task's largest score: █ ▓ ▒ ░; blank below
+
+
+def score_table(sensitivity, n_layer, targets):
+    """Each task's scores as a layer x matrix table, tasks side by side: a shade for log10 of the
+    score relative to the task's largest, and the score's share of the task's total in percent.
+    Reading across a row shows where in a layer a task's gradient lands; reading down, by depth."""
+    short = {t: t.removesuffix("_proj") for t in targets}
+    width = 4 * len(targets)
+    head = "layer " + " | ".join(f"{t:<{width - 1}}"[:width - 1] for t in sensitivity)
+    cols = "      " + " | ".join(" ".join(f"{short[t]:>3}" for t in targets) for _ in sensitivity)
+    lines = [head, cols]
+    for i in range(n_layer):
+        cells = []
+        for scores in sensitivity.values():
+            top, total = max(scores.values()), sum(scores.values())
+            row = []
+            for t in targets:
+                s = scores[f"layers.{i}.{'mlp' if t in ('up_proj', 'down_proj') else 'attn'}.{t}"]
+                level = 0 if s <= 0 or top <= 0 else max(0, 4 + math.ceil(math.log10(s / top)))
+                row.append(f"{SHADES[level]}{min(99, round(100 * s / total)) if total > 0 else 0:>2}")
+            cells.append(" ".join(row))
+        lines.append(f"{i:>5} " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 def allocation_table(allocation, n_layer, targets):
@@ -366,29 +402,32 @@ def main(args):
                + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
     times["pretrain"] = time.time() - t0
 
-    # 2. sensitivity S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2, per task and candidate matrix
+    # 2. sensitivity S_t(W) = sum over sampled examples x of ||d l(x)/dW||_F^2, per task and candidate matrix
     t0 = time.time()
     candidates = candidate_names(model, args.targets)
-    tqdm.write(f"2. sensitivity of {len(candidates)} candidate matrices to each task, {args.sens_batches} batches per task")
+    tqdm.write(f"2. sensitivity of {len(candidates)} candidate matrices to each task: {args.sens_estimator} estimator, "
+               f"{args.sens_batches} batches of {args.batch_size} per task"
+               + (", shares within each layer" if args.sens_norm == "layer" else ""))
     rng = random.Random(f"sensitivity-{args.seed + rank}")  # [ddp] rank r samples like seed + r; rank 0 as a single process
-    task_batches = {t: [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)] for t in tasks}
-    pbar = tqdm(total=len(tasks) * args.sens_batches, desc="sensitivity", dynamic_ncols=True, disable=rank > 0)
-
-    def loss_fn(model, batch):
-        pbar.update()
-        x, y = batch
-        return model(x.to(device), y.to(device))[1]
-
-    try:
-        sensitivity = compute_sensitivity(model, task_batches, loss_fn, candidates, reduction=args.sens_reduction)
-    except ValueError as e:  # a score that is not finite
-        fail(str(e))
-    pbar.close()
+    sensitivity = {}
+    for t in tqdm(tasks, desc="sensitivity", dynamic_ncols=True, disable=rank > 0):
+        batches = [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)]
+        loss_fn = lambda model, batch: example_losses(model, batch, device)
+        try:
+            sensitivity[t] = compute_sensitivity(model, {t: batches}, loss_fn, candidates, args.sens_estimator,
+                                                 args.sens_reduction)[t]
+        except ValueError as e:  # a score that is not finite
+            fail(str(e))
     if ddp:  # [ddp] sum the scores over the ranks' batches, so that every rank computes the same allocation
         scores = torch.tensor([[s[m] for m in candidates] for s in sensitivity.values()], dtype=torch.float64, device=device)
         dist.all_reduce(scores)  # (tasks, candidates), summed in place
         sensitivity = {t: dict(zip(candidates, row)) for t, row in zip(sensitivity, scores.tolist())}
+    if args.sens_norm == "layer":
+        sensitivity = normalise_per_layer(sensitivity)
     times["sensitivity"] = time.time() - t0
+    if args.allocation is None and args.alloc in ("sensitivity", "random"):  # the votes: what each task would spend where
+        tqdm.write("   each task's scores as shares of its total (shade: log10 of the score, darkest = the task's largest):")
+        tqdm.write(score_table(sensitivity, cfg.n_layer, args.targets))
 
     # 3. allocate the budget: LoRA-SMoE's per-task votes, a peer's rule (--alloc), or the --allocation
     #    file (read and checked by parse_args), which wins; allocation.json keeps the released code's format
@@ -617,6 +656,12 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=number(float, 0, inclusive=False), default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
     p.add_argument("--aux-coef", type=number(float, 0), default=0.01, help="weight of the load-balancing loss, Switch Transformer's 0.01 (default 0.01)")
     p.add_argument("--sens-batches", type=number(int, 1), default=4, help="sampled batches per task for sensitivity (default 4)")
+    p.add_argument("--sens-estimator", choices=("fisher", "batch"), default="fisher",
+                   help="fisher: sum over examples of squared per-example gradient norms (the paper's score); "
+                        "batch: squared gradient of each batch's mean loss (default fisher)")
+    p.add_argument("--sens-norm", choices=("none", "layer"), default="none",
+                   help="layer: each score as a share of its task's total within the layer, roughly the released "
+                        "code's implicit per-layer gradient clipping (default none)")
     p.add_argument("--sens-reduction", choices=("sum", "mean"), default="sum",
                    help="sensitivity per matrix: sum of squared gradients (the paper) or mean per entry (fair across shapes)")
     p.add_argument("--tasks", default=",".join(data.TASKS),
