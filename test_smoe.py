@@ -489,6 +489,18 @@ def test_spearman_of_the_comparison_matches_the_textbook_formula():
     assert math.isclose(spearman([1, 2, 2, 3], [1, 2, 2, 3]), 1.0)
     assert overlap({"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 1, "c": 1}) == 2 / 3
 
+
+def test_paired_interval_worked_by_hand_and_the_rule_for_better():
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    from compare import paired_interval, verdict
+    mean, half = paired_interval([0.9, 0.8, 0.7], [0.8, 0.8, 0.6])  # differences 0.1, 0, 0.1
+    sd = math.sqrt(((0.1 - 0.2 / 3) ** 2 * 2 + (0.2 / 3) ** 2) / 2)
+    assert math.isclose(mean, 0.2 / 3) and math.isclose(half, 4.303 * sd / math.sqrt(3))
+    assert verdict(mean, half) == "no difference detected"  # the interval [-0.077, 0.210] holds 0
+    assert verdict(*paired_interval([0.9, 0.85, 0.8], [0.8, 0.8, 0.7])) == "better"
+    assert verdict(*paired_interval([0.8, 0.8, 0.7], [0.9, 0.85, 0.8])) == "worse"
+    assert paired_interval([0.9], [0.8])[1] is None and verdict(0.1, None) == "one seed: no interval"
+
 # -----------------------------------------------------------------------------
 # Applying an allocation, and training
 

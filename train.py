@@ -591,7 +591,7 @@ def main(args):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        fail(message)
+        sys.exit(f"{self.prog}: error: {message}")  # one line, exit status 1, as fail()
 
 
 def number(kind, low, inclusive=True, high=None):
@@ -637,7 +637,7 @@ def check_device(p, args, types=("cpu", "cuda", "mps")):
 
 
 def parse_args(argv=None):
-    p = Parser(description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
+    p = Parser(prog="train.py", description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
     p.add_argument("--budget", type=number(int, 1), default=None,
                    help="total experts to spend over the candidate matrices, 1..tasks x candidates for the vote rules "
                         "(sensitivity, random); default 16, one per candidate with the default --targets; "

@@ -1,24 +1,37 @@
 """
-Compare the allocation rules at the same budget: LoRA-SMoE's sensitivity votes against the
-peers' rules (uniform, MoLA, AlphaLoRA, random), plus plain LoRA, on the same pretrained base,
-the same data and the same seeds. Every run is `train.main` with the same settings except
---alloc (and --seed): no rule gets its own tuning.
+The paper's own test: LoRA-SMoE against plain LoRA and a uniform mixture of LoRA experts, and the
+peers' allocation rules, on the same pretrained base, the same data and the same seeds.
 
-Then: is the sensitivity signal stable? For each seed, the Spearman rank correlation between
-the scores from train.py's few sampled batches and from many batches, per task, and the overlap
-of the allocations they give, next to the overlap a random allocation would get by chance.
+With T tasks and M candidate matrices (METHOD.md section 4):
+  plain LoRA        one expert on every matrix                       budget M
+  uniform LoRA-MoE  T experts on every matrix                        budget T x M
+  LoRA-SMoE         sensitivity votes, each task for its top 60 %    budget T x round(0.6 M)  (the paper's regime)
+                    and at plain LoRA's count                        budget M
+                    for each sensitivity option: fisher (default), batch, fisher with per-layer shares
+  MoLA, AlphaLoRA, random (the sensitivity counts shuffled)          at the 60 % budget only (to keep the time)
+Every run is `train.main` with the same settings except --alloc, --budget, the sensitivity option
+and --seed: no rule gets its own tuning.
 
-Run (from the repository root):  python experiments/compare.py
+The rule for "better", fixed before any run: for each seed, the difference in mean held-out
+exact match (rule minus reference) on the same base, data and seed; rule A is better than B
+when the two-sided 95 % Student-t confidence interval of the mean paired difference lies
+entirely above 0, worse when entirely below, and otherwise no difference was detected.
+
+Then: is the sensitivity signal stable? For each seed, the Spearman rank correlation between the
+scores from train.py's few sampled batches and from many batches, per task, and the overlap of
+the allocations they give, next to the overlap a random allocation would get by chance.
+
+Run (from the repository root):  python experiments/compare.py        (5 seeds; see README.md for time)
 Flags it does not know go to every train.py run, e.g. `python experiments/compare.py --rank 4`.
-Writes out/compare/compare.json and one folder per run. See README.md for the measured table.
+Writes out/compare/compare.json and one folder per run.
 """
 
 import os
 import random
-import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,28 +40,39 @@ import data  # noqa: E402
 import train  # noqa: E402
 from smoe import GPTConfig, allocate_experts, candidate_names, compute_sensitivity  # noqa: E402
 
+SENSITIVITY_OPTIONS = {"fisher": [], "batch": ["--sens-estimator", "batch"], "fisher/layer": ["--sens-norm", "layer"]}
+# two-sided 95 % quantiles of Student's t with df = 1..10 degrees of freedom (any statistics table)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
-def ranks(values):
-    """Ranks 1..n, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    r = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
+
+def paired_interval(a, b):
+    """Mean of the per-seed differences a - b and the half-width of its 95 % t interval
+    (None with one seed: no spread to estimate). Example: a = [0.9, 0.8, 0.7], b = [0.8, 0.8, 0.6]:
+    differences 0.1, 0, 0.1, mean 0.0667, sd 0.0577, half-width 4.303 * 0.0577 / sqrt(3) = 0.1434."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), None
+    t = T_975.get(len(d) - 1, 1.96 + 2.4 / (len(d) - 1))  # beyond the table: within 0.005 of the exact quantile
+    return float(d.mean()), float(t * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def verdict(mean, half):
+    if half is None:
+        return "one seed: no interval"
+    return "better" if mean - half > 0 else "worse" if mean + half < 0 else "no difference detected"
 
 
 def spearman(a, b):
-    """Spearman rank correlation: the Pearson correlation of the ranks."""
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    """Spearman rank correlation: the Pearson correlation of the ranks (ties share their average rank)."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):  # ties: the average of their ranks
+            r[v == value] = r[v == value].mean()
+        return r
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def overlap(a, b):
@@ -56,28 +80,24 @@ def overlap(a, b):
     return sum(min(a[m], b[m]) for m in a) / sum(a.values())
 
 
-def stability(args, seeds, tasks):
-    """Sensitivity from few (train.py's --sens-batches) vs many (--many-batches) batches, per seed."""
-    base_args = train.parse_args(["--device", args.device, "--out", args.out, "--budget", str(args.budget), *args.shared])
+def stability(base_args, seeds, tasks, budget, many_batches):
+    """Sensitivity from few (train.py's --sens-batches) vs many batches, per seed, with train.py's estimator."""
     device = torch.device(base_args.device)
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
     model = train.pretrained_base(base_args, cfg, device)
     candidates = candidate_names(model, base_args.targets)
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return model(x.to(device), y.to(device))[1]
+    loss_fn = lambda model, batch: train.example_losses(model, batch, device)
 
     def scores(n_batches, rng):
         batches = {t: [data.get_batch([t], base_args.batch_size, rng) for _ in range(n_batches)] for t in tasks}
-        return compute_sensitivity(model, batches, loss_fn, candidates)
+        return compute_sensitivity(model, batches, loss_fn, candidates, base_args.sens_estimator)
 
-    many = scores(args.many_batches, random.Random("stability-many"))
-    many_alloc = allocate_experts(many, args.budget)
+    many = scores(many_batches, random.Random("stability-many"))
+    many_alloc = allocate_experts(many, budget)
     per_seed = []
     for seed in seeds:
         few = scores(base_args.sens_batches, random.Random(f"sensitivity-{seed}"))  # the batches train.py --seed draws
-        few_alloc = allocate_experts(few, args.budget)
+        few_alloc = allocate_experts(few, budget)
         rng = random.Random(f"chance-{seed}")
         chance = []
         for _ in range(1000):  # the overlap a random allocation with the same counts gets
@@ -87,79 +107,96 @@ def stability(args, seeds, tasks):
         per_seed.append({"seed": seed,
                          "spearman": {t: spearman([few[t][m] for m in candidates], [many[t][m] for m in candidates])
                                       for t in tasks},
-                         "overlap": overlap(few_alloc, many_alloc), "chance_overlap": statistics.fmean(chance)})
-    return {"few_batches": base_args.sens_batches, "many_batches": args.many_batches,
+                         "overlap": overlap(few_alloc, many_alloc), "chance_overlap": float(np.mean(chance))})
+    return {"few_batches": base_args.sens_batches, "many_batches": many_batches, "budget": budget,
             "many_allocation": many_alloc, "per_seed": per_seed}
 
 
-def mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def main():
-    p = train.Parser(description="Compare allocation rules at the same budget, several seeds each.")
-    p.add_argument("--budget", type=train.number(int, 1), default=16, help="experts for every rule (default 16)")
-    p.add_argument("--seeds", type=train.number(int, 1), default=3, help="seeds per rule: 0..N-1 (default 3)")
-    p.add_argument("--steps", type=train.number(int, 1), default=2000,
-                   help="fine-tuning steps of every run (default 2000, to keep the whole comparison near 15 minutes on 2 CPU cores)")
-    p.add_argument("--many-batches", type=train.number(int, 1), default=64,
-                   help="batches per task of the reference sensitivity in the stability check (default 64)")
+    p = train.Parser(prog="compare.py", description="LoRA-SMoE against plain LoRA, uniform LoRA-MoE and the peers' "
+                     "rules, several seeds each, with paired 95 % intervals.")
+    p.add_argument("--seeds", type=train.number(int, 1), default=5, help="seeds per rule: 0..N-1 (default 5)")
+    p.add_argument("--fraction", type=train.number(float, 0, inclusive=False, high=1), default=0.6,
+                   help="each task votes for this share of the candidates in the paper's regime (default 0.6)")
+    p.add_argument("--many-batches", type=train.number(int, 1), default=32,
+                   help="batches per task of the reference sensitivity in the stability check (default 32)")
     p.add_argument("--device", default="auto", help="as in train.py")
     p.add_argument("--out", default=os.path.join("out", "compare"), help="output folder (default out/compare)")
     args, shared = p.parse_known_args()  # any other flag is passed on to every train.py run, e.g. --rank 4
-    args.shared = shared
-    shared_args = train.parse_args(["--out", args.out, *shared])  # the tasks and targets every run shares
-    tasks, n_candidates = shared_args.tasks, GPTConfig.n_layer * len(shared_args.targets)
-    runs = [(rule, args.budget) for rule in train.ALLOC_RULES]
-    if args.budget != n_candidates:
-        runs.append(("plain LoRA", n_candidates))  # uniform at budget M: one expert, no router, per matrix
+    for flag in ("--alloc", "--budget", "--allocation", "--seed", "--sens-estimator", "--sens-norm"):
+        if any(a == flag or a.startswith(flag + "=") for a in shared):
+            p.error(f"{flag} is set by compare.py for each run; leave it out")
+    base_args = train.parse_args(["--out", args.out, "--device", args.device, *shared])  # what every run shares
+    tasks, seeds = base_args.tasks, range(args.seeds)
+    T, M = len(tasks), GPTConfig.n_layer * len(base_args.targets)
+    paper_budget = T * round(args.fraction * M)
+    runs = [("plain LoRA", ["--alloc", "uniform", "--budget", str(M)]),
+            (f"uniform LoRA-MoE x{T}", ["--alloc", "uniform", "--budget", str(T * M)])]
+    for budget in (paper_budget, M):
+        runs += [(f"LoRA-SMoE {name} @{budget}", ["--budget", str(budget), *flags])
+                 for name, flags in SENSITIVITY_OPTIONS.items()]
+    runs += [(f"{rule} @{paper_budget}", ["--alloc", rule, "--budget", str(paper_budget)]) for rule in ("mola", "alpha", "random")]
     # validate every run's settings before the first one starts
     settings = {}
-    for rule, budget in runs:
-        for seed in range(args.seeds):
-            argv = ["--alloc", "uniform" if rule == "plain LoRA" else rule, "--budget", str(budget),
-                    "--seed", str(seed), "--steps", str(args.steps), "--eval-every", str(args.steps),
-                    "--device", args.device, "--cache", args.out,
-                    "--out", os.path.join(args.out, f"{rule.replace(' ', '-')}-seed{seed}"), *shared]
-            settings[rule, seed] = argv
+    for label, flags in runs:
+        for seed in seeds:
+            folder = label.replace(" ", "-").replace("/", "-").replace("@", "")
+            settings[label, seed] = ["--seed", str(seed), "--device", args.device, "--cache", args.out,
+                                     "--out", os.path.join(args.out, f"{folder}-seed{seed}"), *flags, *shared]
     for argv in settings.values():
         train.parse_args(argv)
 
     t_start = time.time()
     results = {}
-    for (rule, seed), argv in settings.items():
-        tqdm.write(f"\n=== {rule}, seed {seed} ===")
-        results[rule, seed] = train.main(train.parse_args(argv))
+    for i, ((label, seed), argv) in enumerate(settings.items()):
+        tqdm.write(f"\n=== run {i + 1} of {len(settings)}: {label}, seed {seed} ===")
+        results[label, seed] = train.main(train.parse_args(argv))
 
     tqdm.write("\n=== stability of the sensitivity signal ===")
-    stable = stability(args, range(args.seeds), tasks)
+    stable = stability(base_args, seeds, tasks, paper_budget, args.many_batches)
 
-    # the table: mean (sd) over seeds
+    # the table: mean and sd over seeds, then the paired differences against the two references
     rows = []
-    for rule, budget in runs:
-        rs = [results[rule, seed] for seed in range(args.seeds)]
-        label = "uniform (= plain LoRA)" if rule == "uniform" and budget == n_candidates else rule
-        rows.append({"rule": label, "experts": budget, "trainable": rs[0]["parameters"]["trainable"],
-                     "accuracy": {t: mean_sd([r["accuracy"][t] for r in rs]) for t in tasks},
-                     "mean": mean_sd([r["mean"] for r in rs]),
-                     "finetune_s": statistics.fmean(r["times_s"]["finetune"] for r in rs),
-                     "allocation_seed0": rs[0]["allocation"]})
-    lines = [f"{'rule':<24} {'experts':>7} {'trainable':>9} " + " ".join(f"{t:>11}" for t in tasks)
-             + f" {'mean':>11} {'finetune':>9}"]
+    for label, _ in runs:
+        rs = [results[label, seed] for seed in seeds]
+        means = [r["mean"] for r in rs]
+        row = {"rule": label, "experts": sum(rs[0]["allocation"].values()), "trainable": rs[0]["parameters"]["trainable"],
+               "accuracy": {t: [r["accuracy"][t] for r in rs] for t in tasks}, "mean": means,
+               "finetune_s": float(np.mean([r["times_s"]["finetune"] for r in rs])),
+               "allocation_seed0": rs[0]["allocation"], "sensitivity_seed0": rs[0]["sensitivity"]}
+        for ref in ("plain LoRA", f"uniform LoRA-MoE x{T}"):
+            row[f"vs {ref}"] = paired_interval(means, [results[ref, seed]["mean"] for seed in seeds])
+        rows.append(row)
+
+    def ms(values):
+        return f"{np.mean(values):.3f}" + (f"±{np.std(values, ddof=1):.3f}" if len(values) > 1 else "      ")
+
+    def diff(m, h):
+        return f"{m:+.3f}" + (f" [{m - h:+.3f}, {m + h:+.3f}]" if h is not None else " (one seed)")
+
+    lines = [f"{'rule':<27} {'experts':>7} {'trainable':>9} " + " ".join(f"{t:>11}" for t in tasks)
+             + f" {'mean':>11} {'finetune':>8}"]
     for row in rows:
-        lines.append(f"{row['rule']:<24} {row['experts']:>7} {row['trainable']:>9,} "
-                     + " ".join(f"{m:.3f}±{s:.3f}" for m, s in (row["accuracy"][t] for t in tasks))
-                     + f" {row['mean'][0]:.3f}±{row['mean'][1]:.3f} {row['finetune_s']:>8.1f}s")
-    lines.append(f"(held-out exact match, mean ± sd over seeds 0..{args.seeds - 1}; {args.steps} steps; "
-                 f"fine-tuning time per run)")
-    lines.append(f"\nsensitivity from {stable['few_batches']} vs {stable['many_batches']} batches per task:")
+        lines.append(f"{row['rule']:<27} {row['experts']:>7} {row['trainable']:>9,} "
+                     + " ".join(f"{ms(row['accuracy'][t]):>11}" for t in tasks)
+                     + f" {ms(row['mean']):>11} {row['finetune_s']:>7.1f}s")
+    lines.append(f"(held-out exact match, {base_args.eval_examples} per task, mean ± sd over seeds "
+                 f"{', '.join(map(str, seeds))}; {base_args.steps} fine-tuning steps; fine-tuning time per run)")
+    lines.append(f"\npaired per-seed difference in mean exact match, with its 95 % t interval ({args.seeds} seeds):")
+    lines.append(f"{'rule':<27} {'vs plain LoRA':>26}  {'vs uniform LoRA-MoE x' + str(T):>26}")
+    for row in rows[2:]:
+        a, b = row["vs plain LoRA"], row[f"vs uniform LoRA-MoE x{T}"]
+        lines.append(f"{row['rule']:<27} {diff(*a):>26}  {diff(*b):>26}   {verdict(*a)} / {verdict(*b)}")
+    lines.append(f"\nsensitivity from {stable['few_batches']} vs {stable['many_batches']} batches per task "
+                 f"(allocations of {stable['budget']} experts):")
     for s in stable["per_seed"]:
         lines.append(f"  seed {s['seed']}: Spearman " + " ".join(f"{t} {v:.2f}" for t, v in s["spearman"].items())
                      + f"; allocation overlap {s['overlap']:.2f} (chance {s['chance_overlap']:.2f})")
     total = time.time() - t_start
     lines.append(f"\ntotal time {total / 60:.1f} min")
     tqdm.write("\n" + "\n".join(lines))
-    summary = {"settings": vars(args), "rows": rows, "stability": stable, "total_s": total, "table": lines}
+    summary = {"settings": {**vars(args), "shared": shared}, "rows": rows, "stability": stable, "total_s": total,
+               "table": lines}
     train.write_json(os.path.join(args.out, "compare.json"), summary)
 
 
