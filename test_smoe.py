@@ -752,7 +752,7 @@ def test_hf_model_py_from_a_local_folder_and_its_bad_input(hf, tmp_path, capsys)
     assert json.loads((tmp_path / "out" / "allocation.json").read_text()) == {
         n: c for n, c in results["allocation"].items() if c > 0}
     for extra, message in [(["--targets", "q_proj,qkv_proj"], r"target\(s\) qkv_proj match no nn.Linear"),
-                           (["--budget", "100"], "budget must be an integer from 1 to 28"),
+                           (["--budget", "100"], r"--budget must be from 1 to 28 \(tasks x candidate matrices = 2 x 14\)"),
                            (["--tasks", str(tmp_path / "missing.txt")], "--tasks: task file .*missing.txt cannot be read"),
                            (["--model", str(tmp_path / "nothing")], "--model .*nothing: cannot be loaded")]:
         with pytest.raises(SystemExit) as e:

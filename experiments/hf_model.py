@@ -109,7 +109,7 @@ def tokenize(tokenizer, tasks, batch_size, max_length, device="cpu"):
 def lm_loss(model, batch):
     """The model's own causal-LM loss: next-token cross-entropy averaged over the batch's
     non-padding tokens (Hugging Face's definition; each example weighs as many tokens as it has)."""
-    return model(**batch).loss
+    return model(**batch, use_cache=False).loss  # no key-value cache: nothing is generated here
 
 # -----------------------------------------------------------------------------
 # The method: sensitivity -> allocation -> LoRA-MoE -> training
@@ -292,8 +292,11 @@ def main(argv=None):
     try:
         t0 = time.time()
         model, tokenizer = load_model(args.model, dtype, args.device)
-        n_candidates = len(candidate_names(model, args.targets))
+        n_candidates, n_tasks = len(candidate_names(model, args.targets)), len(args.task_texts)
         args.budget = n_candidates if args.budget is None else args.budget
+        if args.budget > n_tasks * n_candidates:  # refused now, not after the sensitivity pass
+            raise ValueError(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
+                             f"{n_tasks} x {n_candidates}), got {args.budget}")
         torch.manual_seed(args.seed)
         done = run(model, tokenizer, args.task_texts, args)
         del model  # the reload starts from the pretrained weights alone, as a user's later session would
