@@ -6,6 +6,7 @@ Run: pytest test_smoe.py   (tiny sizes, fixed seeds, well under a minute on two 
 """
 
 import argparse
+import ast
 import copy
 import io
 import itertools
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -713,6 +715,148 @@ def test_load_adapter_rejects_a_mismatched_state():
     wider = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32))
     with pytest.raises(ValueError, match="another base model"):
         load_adapter(wider, state)
+
+# -----------------------------------------------------------------------------
+# Any model, from Hugging Face: experiments/hf_model.py on a tiny random Llama (nothing downloaded)
+
+HF_SKIP = "transformers is not installed; it is needed only by experiments/hf_model.py (pip install transformers)"
+
+
+@pytest.fixture
+def hf():
+    pytest.importorskip("transformers", reason=HF_SKIP)
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import hf_model
+    return hf_model
+
+
+def tiny_llama(hf, seed=0):
+    """A LlamaForCausalLM with random weights (hidden 32, 2 layers, 4 heads) and a character-level
+    tokenizer over the demo tasks' characters, both built here: no download."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    chars = sorted({c for texts in hf.DEMO_TASKS.values() for text in texts for c in text})
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + chars)}
+    characters = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    characters.decoder = decoders.Fuse()  # decode by joining the characters back
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=characters,
+                                        pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         initializer_range=0.2)  # 10x the default: lm_head weights big enough that a few steps move the loss
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def hf_args(hf, tmp_path, *extra):
+    args, _ = hf.parse_args(["--out", str(tmp_path), "--device", "cpu", "--dtype", "fp32", "--rank", "4",
+                             "--batch-size", "4", "--sens-batches", "1", "--new-tokens", "5", *extra])
+    return args
+
+
+def greedy_by_hand(model, prompt, new_tokens):
+    """Greedy decoding as a plain loop: the whole sequence through the model, argmax of the last logits."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def check_recipe(hf, model, tokenizer, args):
+    """hf_model.run's steps one by one on `model`, each checked against the untouched base."""
+    base = copy.deepcopy(model)
+    batches = hf.tokenize(tokenizer, hf.DEMO_TASKS, args.batch_size, args.max_length)
+    everything = [b for task in batches.values() for b in task]
+    for b in everything:  # labels are the input ids, -100 exactly where the batch is padded
+        assert torch.equal(b["labels"], torch.where(b["attention_mask"].bool(), b["input_ids"], -100))
+
+    names, sensitivity, allocation = hf.allocate(model, batches, args.targets, args.budget, args.sens_batches)
+    assert len(names) == 2 * 7 and sum(allocation.values()) == args.budget and set(sensitivity) == set(hf.DEMO_TASKS)
+    apply_lora_moe(model, allocation, r=args.rank, lora_alpha=args.alpha, top_k=args.top_k)
+    for b in everything:  # B = 0: the wrapped model starts equal to the base
+        wrapped, expected = hf.logits_of(model, b), hf.logits_of(base, b)
+        assert torch.equal(wrapped, expected), f"max abs difference {(wrapped - expected).abs().max():.3e}"
+
+    with torch.no_grad():
+        before = sum(hf.lm_loss(model, b).item() for b in everything)
+    history = hf.train_adapter(model, batches, args.steps, args.lr, args.aux_coef)
+    with torch.no_grad():
+        after = sum(hf.lm_loss(model, b).item() for b in everything)
+    assert math.isclose(history[0][0], hf.lm_loss(base, everything[0]).item(), rel_tol=1e-3)  # step 1 ran on the base
+    assert after < 0.8 * before, (before, after)
+    frozen = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen.keys() == dict(base.named_parameters()).keys()
+    for n, p in base.named_parameters():  # bit-exact: the optimizer never touched the base
+        assert torch.equal(frozen[n], p), n
+    return base, batches, everything
+
+
+def test_hf_recipe_on_a_tiny_llama(hf, tmp_path):
+    model, tokenizer = tiny_llama(hf)
+    args = hf_args(hf, tmp_path, "--budget", "10", "--steps", "20", "--lr", "3e-2")
+    base, batches, everything = check_recipe(hf, model, tokenizer, args)
+
+    # the adapter through torch.save, rebuilt on a fresh copy of the base, gives the same logits and tokens
+    state = adapter_state(model)
+    torch.save(state, tmp_path / "adapter.pt")
+    prompt = tokenizer("Reverse", return_tensors="pt")["input_ids"]
+    done = {"check_batch": everything[-1], "prompt": prompt, "pad_id": 0,
+            "logits": hf.logits_of(model, everything[-1]), "generated": hf.greedy(model, prompt, 5, 0)}
+    restored, logits_equal, generated_equal = hf.reload(base, tmp_path / "adapter.pt", done, 5)
+    assert logits_equal and generated_equal
+    assert torch.equal(adapter_state_dict(restored)["model.layers.0.self_attn.v_proj.lora_B"],
+                       state["adapter"]["model.layers.0.self_attn.v_proj.lora_B"])
+    # generate (with its key-value cache) equals greedy decoding by hand, and emits new tokens
+    assert done["generated"].shape == (1, prompt.shape[1] + 5)
+    assert torch.equal(done["generated"], greedy_by_hand(model, prompt, 5))
+
+
+def test_hf_recipe_on_a_tiny_llama_loaded_in_bf16(hf, tmp_path):
+    model, tokenizer = tiny_llama(hf)
+    model.to(torch.bfloat16)
+    args = hf_args(hf, tmp_path, "--budget", "10", "--steps", "10", "--lr", "3e-2")
+    base, batches, everything = check_recipe(hf, model, tokenizer, args)
+    adapters = adapter_state_dict(model)
+    assert adapters and all(t.dtype == torch.float32 for t in adapters.values())  # experts and routers in float32
+    logits = hf.logits_of(model, everything[0])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()  # output cast back to the base dtype
+    restored = load_adapter(base, adapter_state(model))
+    assert torch.equal(hf.logits_of(restored, everything[0]), logits)
+
+
+def test_hf_model_py_from_a_local_folder_and_its_bad_input(hf, tmp_path, capsys):
+    model, tokenizer = tiny_llama(hf)
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    (tmp_path / "sums.txt").write_text("1 + 1 = 2\n\n2 + 2 = 4\n3 + 3 = 6\n")
+    (tmp_path / "caps.jsonl").write_text('{"text": "The capital of Peru is Lima."}\n{"text": "The capital of Chile is Santiago."}\n')
+    argv = ["--model", str(tmp_path / "llama"), "--tasks", str(tmp_path / "sums.txt"), str(tmp_path / "caps.jsonl"),
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--steps", "3", "--rank", "2", "--new-tokens", "3"]
+    results = hf.main(argv + ["--targets", "q_proj,v_proj"])
+    assert results["tasks"] == {"sums": 3, "caps": 2} and results["budget"] == 4  # default: one per candidate
+    assert results["equal_at_init"] and results["reload_logits_equal"] and results["reload_generation_equal"]
+    assert json.loads((tmp_path / "out" / "allocation.json").read_text()) == {
+        n: c for n, c in results["allocation"].items() if c > 0}
+    for extra, message in [(["--targets", "q_proj,qkv_proj"], r"target\(s\) qkv_proj match no nn.Linear"),
+                           (["--budget", "100"], r"--budget must be from 1 to 28 \(tasks x candidate matrices = 2 x 14\)"),
+                           (["--tasks", str(tmp_path / "missing.txt")], "--tasks: task file .*missing.txt cannot be read"),
+                           (["--model", str(tmp_path / "nothing")], "--model .*nothing: cannot be loaded")]:
+        with pytest.raises(SystemExit) as e:
+            hf.main(argv + extra)
+        assert re.search(message, str(e.value.code)) and "\n" not in str(e.value.code), (extra, e.value.code)
+    with pytest.raises(SystemExit) as e:
+        hf.main(["--help"])
+    assert e.value.code == 0 and "--targets" in capsys.readouterr().out
+
+def test_smoe_data_and_train_never_import_transformers():
+    for file in ("smoe.py", "data.py", "train.py"):  # transformers is the Hugging Face example's dependency only
+        tree = ast.parse(open(os.path.join(HERE, file)).read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m.split(".")[0] == "transformers" for m in imported), file
+
 
 # -----------------------------------------------------------------------------
 # Data
