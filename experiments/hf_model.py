@@ -3,9 +3,9 @@ LoRA-SMoE on your own Hugging Face causal language model (Llama, Qwen2, Mistral,
 method of smoe.py, step by step, on a pretrained model and your own task texts.
 
   1. load the model (--model: a hub name or a local folder) and its tokenizer
-  2. tokenise each task's texts into batches; the loss is the model's own causal-LM loss
+  2. tokenise each task's texts into batches; the loss is the model's causal-LM loss (per text for step 4)
   3. candidate_names     the matrices to consider, by PEFT suffix names (--targets)
-  4. compute_sensitivity S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2, per task and matrix
+  4. compute_sensitivity S_t(W) = sum over sampled texts x of ||d l(x)/dW||_F^2, per task and matrix
   5. allocate_experts    spend exactly --budget experts by per-task votes
   6. apply_lora_moe      wrap the chosen matrices; the wrapped model starts equal to the base
   7. a few AdamW steps   loss = lm + aux_coef * aux (causal-LM loss + load-balancing loss)
@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,6 +112,14 @@ def lm_loss(model, batch):
     non-padding tokens (Hugging Face's definition; each example weighs as many tokens as it has)."""
     return model(**batch, use_cache=False).loss  # no key-value cache: nothing is generated here
 
+def example_losses(model, batch):
+    """(B,) each text's own causal-LM loss, next-token cross-entropy averaged over its own
+    non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]                                                # (B, T-1) the next tokens
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+    return ce.sum(dim=1) / (labels != -100).sum(dim=1).clamp_min(1)
+
 # -----------------------------------------------------------------------------
 # The method: sensitivity -> allocation -> LoRA-MoE -> training
 
@@ -121,7 +130,7 @@ def allocate(model, task_batches, targets, budget, sens_batches):
     Returns (candidate names, {task: {name: score}}, {name: experts})."""
     names = candidate_names(model, targets)
     sampled = {task: batches[:sens_batches] for task, batches in task_batches.items()}
-    sensitivity = compute_sensitivity(model, sampled, lm_loss, names)
+    sensitivity = compute_sensitivity(model, sampled, example_losses, names)
     return names, sensitivity, allocate_experts(sensitivity, budget)
 
 
