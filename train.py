@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 from smoe import (GPT, GPTConfig, adapter_state, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
                   allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
-                  load_adapter, moe_aux_loss, moe_layers, set_adapter)
+                  load_adapter, moe_aux_loss, moe_layers, routing_counts, set_adapter)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
 ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --alloc may name
@@ -79,17 +79,17 @@ def routing_stats(model, eval_sets, device):
     """Share of routing slots per expert and normalised entropy (1 = uniform, 0 = collapse)
     for every routing layer, over the held-out lines (no padding: lines are grouped by length)."""
     layers = [(name, m) for name, m in moe_layers(model) if m.router is not None]
-    counts = {name: torch.zeros(m.num_experts, device=device) for name, m in layers}
+    counts = {name: torch.zeros(m.num_experts, dtype=torch.long, device=device) for name, m in layers}
     lines = [p + a for pairs in eval_sets.values() for p, a in pairs]
     for length in sorted(set(map(len, lines))):
         ids = torch.tensor([[data.STOI[c] for c in s] for s in lines if len(s) == length], device=device)
         model(ids[:, :-1])
         for name, m in layers:
-            counts[name] += m.expert_counts
+            counts[name] += routing_counts(m.top_idx, m.num_experts)
     stats = {}
     for name, m in layers:
         share = counts[name] / counts[name].sum()
-        entropy = -(share * share.clamp_min(1e-12).log()).sum() / math.log(m.num_experts)
+        entropy = torch.special.entr(share).sum() / math.log(m.num_experts)  # entr(p) = -p ln p, 0 at p = 0
         stats[name] = {"share": [round(s, 3) for s in share.tolist()], "entropy": round(entropy.item(), 3)}
     return stats
 
@@ -494,8 +494,10 @@ def main(args):
             group["lr"] = lr
         x, y = data.get_batch(tasks, args.batch_size, rng)
         with autocast:
-            _, ce = model(to_device(x, device), to_device(y, device))
-            aux = moe_aux_loss(raw_model)  # mean load-balancing loss over the routing layers
+            x, y = to_device(x, device), to_device(y, device)
+            _, ce = model(x, y)
+            # mean load-balancing loss over the routing layers, on the real tokens (prompt and answer, no padding)
+            aux = moe_aux_loss(raw_model, mask=x != data.STOI[data.PAD])
         loss = ce + args.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
