@@ -1281,6 +1281,49 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
         train.write_atomic(str(path), half_then_crash)
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
 
+# -----------------------------------------------------------------------------
+# train.py: temporary files, the memory figure, folders in the way, the pretraining batch
+
+
+def test_write_atomic_runs_sharing_a_folder_never_collide(tmp_path):
+    # a second run writes the same file while the first is still writing (a shared --cache)
+    path = str(tmp_path / "base.pt")
+    def outer(p):
+        open(p, "w").write("first")
+        train.write_atomic(path, lambda q: open(q, "w").write("second"))  # with path + ".tmp" this one took ours
+    train.write_atomic(path, outer)
+    assert open(path).read() == "first" and os.listdir(tmp_path) == ["base.pt"]
+
+
+@pytest.mark.parametrize("platform,mb", [("linux", 2**30 / 1024), ("darwin", 2**30 / 2**20)])
+def test_peak_memory_reads_ru_maxrss_in_the_platform_unit(platform, mb, monkeypatch):
+    # getrusage's ru_maxrss is KiB on Linux and bytes on macOS: 2**30 is 1 TiB on Linux, 1 GiB on macOS
+    monkeypatch.setattr(train.sys, "platform", platform)
+    monkeypatch.setattr(train.resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=2**30))
+    assert train.peak_memory_mb(torch.device("cpu")) == mb
+
+
+def test_a_folder_where_an_output_file_goes_is_one_clear_line(tmp_path):
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(SystemExit, match="holds a folder named checkpoint.pt"):
+        train.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+
+
+def test_batch_size_leaves_the_pretrained_base_alone(tmp_path, monkeypatch):
+    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
+    cache = lambda *argv: train.base_cache(train.parse_args(["--out", str(tmp_path), *argv]), cfg)[0]  # noqa: E731
+    assert cache("--batch-size", "8") == cache()
+    assert cache("--pretrain-batch-size", "8") != cache()
+    sizes, get_batch = [], data.get_batch
+    def spy(tasks, batch_size, rng, split="train"):
+        sizes.append(batch_size)
+        return get_batch(tasks, batch_size, rng, split)
+    monkeypatch.setattr(data, "get_batch", spy)
+    args = train.parse_args(["--out", str(tmp_path), "--pretrain-steps", "2", "--pretrain-batch-size", "3",
+                             "--batch-size", "5", "--device", "cpu"])
+    train.pretrained_base(args, cfg, torch.device("cpu"))
+    assert sizes == [3, 3]
+
 
 def test_resume_under_torchrun_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "0")  # what torchrun sets; resume restores one process's data order only

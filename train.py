@@ -30,6 +30,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -105,11 +106,13 @@ def allocation_table(allocation, n_layer, targets):
 
 def write_atomic(path, write):
     """write(tmp_path), then rename over `path`: a crash or Ctrl-C never leaves a half-written file,
-    and the previous version of `path` stays intact until the new one is complete.
+    and the previous version of `path` stays intact until the new one is complete. The temporary
+    file is unique (tempfile), in the same folder, so runs sharing a --cache never collide.
     Under torchrun only rank 0 writes; the other ranks hold the same results."""
     if int(os.environ.get("RANK", 0)) > 0:
         return
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -135,7 +138,8 @@ def to_device(t, device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux reports KiB)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process peak RSS: bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def fail(message):
@@ -286,7 +290,7 @@ def base_cache(args, cfg):
     the base (model configuration, a fingerprint of the data, base seed, pretraining settings)."""
     fingerprint = [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(16)]  # changes if data.py does
     key = json.dumps({"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
-                      "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}, sort_keys=True)
+                      "steps": args.pretrain_steps, "batch_size": args.pretrain_batch_size, "lr": args.pretrain_lr}, sort_keys=True)
     return os.path.join(args.cache, f"base-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"), key
 
 
@@ -305,9 +309,10 @@ def pretrained_base(args, cfg, device):
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
-    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
+    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True,
+                disable=int(os.environ.get("RANK", 0)) > 0)  # [ddp] only rank 0 shows bars
     for step in pbar:
-        x, y = data.get_batch(data.PRETRAIN_TASKS, args.batch_size, rng)
+        x, y = data.get_batch(data.PRETRAIN_TASKS, args.pretrain_batch_size, rng)
         _, loss = model(to_device(x, device), to_device(y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -627,7 +632,9 @@ def parse_args(argv=None):
                    help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default q,k,v,o)")
     p.add_argument("--steps", type=number(int, 1), default=4000, help="fine-tuning steps (default 4000)")
     p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="base-model pretraining steps on copy and digit sums (default 2000)")
-    p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per batch (default 64)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per sensitivity and fine-tuning batch (default 64)")
+    p.add_argument("--pretrain-batch-size", type=number(int, 1), default=64,
+                   help="examples per base-model pretraining batch; part of the base's cache key (default 64)")
     p.add_argument("--lr", type=number(float, 0, inclusive=False), default=3e-3, help="peak fine-tuning learning rate, cosine-decayed (default 3e-3)")
     p.add_argument("--pretrain-lr", type=number(float, 0, inclusive=False), default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every this many steps, and at the end (default 1000)")
@@ -699,6 +706,10 @@ def parse_args(argv=None):
             p.error(f"{flag} {folder!r} cannot be created ({e.strerror}); give a writable folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             p.error(f"{flag} {folder!r} is not writable; give a writable folder")
+    for file in ("allocation.json", "results.json", "adapter.pt", "checkpoint.pt"):
+        if os.path.isdir(os.path.join(args.out, file)):
+            p.error(f"--out {args.out!r} holds a folder named {file}, where train.py writes that file; "
+                    "move it away or give another --out")
     return args
 
 
