@@ -974,6 +974,30 @@ def test_train_py_under_torchrun_with_two_processes(tmp_path):
     assert results["allocation"] == expected  # every rank checked its own against rank 0's before training
     assert json.loads((tmp_path / "allocation.json").read_text()) == {n: c for n, c in expected.items() if c > 0}
 
+    # reference for DDP: the same 10 AdamW steps by hand, each on the mean of the two ranks' gradients
+    # (rank r samples its batches as train.py does with seed r); without the averaging, rank 0's
+    # adapter would follow its own gradients alone and differ here
+    torch.manual_seed(0)
+    apply_lora_moe(model, expected, r=8, lora_alpha=16.0, top_k=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    rngs = [random.Random(f"finetune-{r}") for r in range(2)]
+    for step in range(10):
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / 10))
+        grads = []
+        for rng in rngs:
+            x, y = data.get_batch(list(data.TASKS), 8, rng)
+            _, ce = model(x, y)
+            loss = ce + 0.01 * moe_aux_loss(model, mask=x != data.STOI[data.PAD])
+            grads.append(torch.autograd.grad(loss, params))
+        for p, g0, g1 in zip(params, *grads):
+            p.grad = (g0 + g1) / 2
+        optimizer.step()
+    saved = torch.load(tmp_path / "adapter.pt", weights_only=True)["adapter"]
+    for name, t in adapter_state_dict(model).items():
+        assert_close(saved[name], t, atol=1e-4, rtol=1e-3)
+
 # -----------------------------------------------------------------------------
 # train.py: checkpoints, resume, determinism, faults and bad files. Runs are in-process with tiny
 # settings; most start from the reference run's cached base, so only two runs pretrain in full.
