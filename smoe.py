@@ -12,8 +12,10 @@ Read top to bottom, smallest piece first:
   5. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
   6. allocate_experts     per-task votes that spend exactly `budget` experts
      allocate_uniform, allocate_mola, allocate_alpha, allocate_random: the peers' rules
+     (layer_name: the layer a matrix is in, for the rules that work per layer)
   7. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
-  8. adapter_state        the trained adapter on its own (load_adapter puts it back, set_adapter checks)
+  8. adapter_state        the trained adapter on its own, with a fingerprint of its base matrices
+                          (load_adapter checks the base and puts it back, set_adapter checks the weights)
 
 Only GPT is specific to the toy: steps 4 to 8 take any nn.Module and a loss function.
 
