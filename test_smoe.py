@@ -1124,8 +1124,12 @@ def test_saved_adapter_on_a_fresh_model_reproduces_the_fine_tuned_outputs(refere
     name = next(iter(saved["adapter"]))
     saved["adapter"][name + "_renamed"] = saved["adapter"].pop(name)
     torch.save(saved, tmp_path / "renamed.pt")
+    fresh = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    with pytest.raises(ValueError, match="another base model"):  # a base of the right shape, not the right weights
+        train.load_adapter_file(fresh, str(reference["out"] / "adapter.pt"))
+    fresh.load_state_dict(torch.load(cache, weights_only=True)["model"])
     with pytest.raises(ValueError, match="do not match the model: 1 missing"):
-        train.load_adapter_file(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), str(tmp_path / "renamed.pt"))
+        train.load_adapter_file(fresh, str(tmp_path / "renamed.pt"))
     (tmp_path / "cut.pt").write_bytes((reference["out"] / "adapter.pt").read_bytes()[:500])
     with pytest.raises(ValueError, match="cannot be read .*truncated, corrupt"):
         train.load_adapter_file(tiny_gpt(), str(tmp_path / "cut.pt"))
