@@ -1321,6 +1321,8 @@ def test_write_atomic_runs_sharing_a_folder_never_collide(tmp_path):
         train.write_atomic(path, lambda q: open(q, "w").write("second"))  # with path + ".tmp" this one took ours
     train.write_atomic(path, outer)
     assert open(path).read() == "first" and os.listdir(tmp_path) == ["base.pt"]
+    open(tmp_path / "plain.pt", "w").close()
+    assert os.stat(path).st_mode == os.stat(tmp_path / "plain.pt").st_mode  # readable as a plain file would be
 
 
 @pytest.mark.parametrize("platform,mb", [("linux", 2**30 / 1024), ("darwin", 2**30 / 2**20)])

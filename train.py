@@ -113,6 +113,9 @@ def write_atomic(path, write):
         return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain open(path, "w"), not mkstemp's owner-only 0o600
     try:
         write(tmp)
         os.replace(tmp, path)
