@@ -172,8 +172,9 @@ def read_torch(path, name=None):
 def load_adapter_file(model, path):
     """A saved adapter.pt on a fresh base `model` (a GPT holding the same pretrained weights):
     checked, then smoe.load_adapter wraps the matrices its allocation names with its r, alpha and
-    top-k and loads its LoRA and router weights. The result computes exactly what the fine-tuned
-    model computed. A file that is unreadable or made for another model raises ValueError."""
+    top-k and loads its LoRA and router weights, after checking that the adapted base matrices are
+    the ones it was trained on (their sha256 fingerprint). The result computes exactly what the
+    fine-tuned model computed. A file that is unreadable or made for another model or base raises ValueError."""
     saved = read_torch(path)
     if (not isinstance(saved, dict) or not {"adapter", "allocation", "model_config", "lora"} <= set(saved)
             or not isinstance(saved["allocation"], dict)):
