@@ -555,7 +555,7 @@ def test_layer_name_reads_the_path_up_to_the_last_numeric_part():
 
 def tiny_transformer():
     torch.manual_seed(0)
-    return nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24)
+    return nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24, batch_first=True)
 
 
 def test_mola_and_alpha_group_encoder_and_decoder_layers_apart():
