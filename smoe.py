@@ -4,16 +4,19 @@ matrix are allocated from gradient sensitivity under a fixed budget.
 
 Read top to bottom, smallest piece first:
   1. load_balancing_loss  the Switch-Transformer auxiliary loss, normalised per layer
-                          (routing_counts: routing slots per expert, for it and for the layer)
+                          (routing_counts: routing slots per expert, for reporting)
   2. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
                           (moe_layers, moe_aux_loss: a model's LoRA-MoE layers and their mean loss)
   3. GPT                  a tiny transformer with separate q, k, v, o projections
   4. candidate_names      pick the candidate nn.Linear modules of any model by name or pattern
-  5. compute_sensitivity  S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2
+                          (layer_name: the layer a matrix is in, for what works per layer)
+  5. compute_sensitivity  S_t(W) = sum over sampled examples x of ||d l(x)/dW||_F^2 (per-example
+                          Fisher; or the batch-gradient score), normalise_per_layer as an option
   6. allocate_experts     per-task votes that spend exactly `budget` experts
      allocate_uniform, allocate_mola, allocate_alpha, allocate_random: the peers' rules
   7. apply_lora_moe       swap the chosen nn.Linear modules for LoRAMoELinear
-  8. adapter_state        the trained adapter on its own (load_adapter puts it back, set_adapter checks)
+  8. adapter_state        the trained adapter on its own, with a fingerprint of its base matrices
+                          (load_adapter checks the base and puts it back, set_adapter checks the weights)
 
 Only GPT is specific to the toy: steps 4 to 8 take any nn.Module and a loss function.
 
@@ -32,6 +35,7 @@ References:
 """
 
 import fnmatch
+import hashlib
 import math
 import random
 import warnings
@@ -46,12 +50,12 @@ import torch.nn.functional as F
 
 
 def routing_counts(top_idx, num_experts):
-    """(E,) how many of the routing slots top_idx (N, k) chose each expert. Stays on the device."""
-    ones = torch.ones(top_idx.numel(), device=top_idx.device)
-    return torch.zeros(num_experts, device=top_idx.device).index_add_(0, top_idx.flatten(), ones)
+    """(E,) how many of the routing slots top_idx (N, k) chose each expert (for reporting; on CUDA
+    bincount reads the largest index back to the host, so the training step does not call it)."""
+    return torch.bincount(top_idx.flatten(), minlength=num_experts)
 
 
-def load_balancing_loss(router_logits, top_k, top_idx=None):
+def load_balancing_loss(router_logits, top_k, top_idx=None, mask=None):
     """Switch Transformer [3] eq. (4), normalised so that uniform routing gives 1:
 
         f_i = (routing slots that chose expert i) / (N * k)
@@ -59,18 +63,27 @@ def load_balancing_loss(router_logits, top_k, top_idx=None):
         L   = E * sum_i f_i * P_i
 
     router_logits: (N, E). top_idx: (N, k), the experts each token chose, if the caller
-    has them already (saves a second top-k). Uniform routing gives 1 for any E and k;
-    every token on one expert (k = 1) gives E. Hugging Face's Mixtral helper divides by
-    N, not N*k, so its value is k times this one.
+    has them already (saves a second top-k). mask: optional (N,) bool, the tokens to
+    balance; the others count for neither f nor P (N is then the number of masked tokens,
+    and no token masked gives 0). Uniform routing gives 1 for any E and k; every token on
+    one expert (k = 1) gives E only if its router probability is all on that expert too
+    (f = P = one-hot); in general it gives E * P_chosen. The gradient reaches the router
+    through P only (f is a count). Hugging Face's Mixtral helper divides by N, not N*k,
+    so its value is k times this one.
     Example by hand: E = 2, k = 1, two tokens both routed to expert 0 with
     P = (0.75, 0.25): f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
     """
     N, E = router_logits.shape
-    probs = F.softmax(router_logits, dim=-1)                          # (N, E)
+    probs = F.softmax(router_logits.float(), dim=-1)                  # (N, E)
     if top_idx is None:
         top_idx = router_logits.topk(top_k, dim=-1).indices           # (N, k)
-    f = routing_counts(top_idx, E) / (N * top_k)                      # (E,) fraction of routing slots
-    P = probs.mean(dim=0)                                             # (E,) mean router probability
+    w = torch.ones(N, device=probs.device) if mask is None else mask.reshape(N).to(probs)  # (N,) 1 = counted
+    # the slots as an (N, E) 0/1 table rather than routing_counts: masked by a product, and no wait for
+    # the device (a CUDA bincount or a boolean index reads a size back to the host)
+    chosen = torch.zeros_like(probs).scatter_(-1, top_idx, 1.0)      # (N, E) 1 where a token chose expert i
+    n = w.sum().clamp_min(1)                                          # tokens counted
+    f = (w[:, None] * chosen).sum(0) / (n * top_k)                    # (E,) fraction of routing slots, no gradient
+    P = (w[:, None] * probs).sum(0) / n                               # (E,) mean router probability
     return E * (f * P).sum()
 
 
@@ -81,9 +94,25 @@ def load_balancing_loss(router_logits, top_k, top_idx=None):
 class LoRAMoELinear(nn.Module):
     """y = W0 x + sum_{i in TopK(x)} g_i(x) * scaling * B_i A_i x      ([1] eq. 1, [4])
 
-    E experts of rank r stacked are one LoRA of rank E*r whose rank groups are gated
-    per token, so the experts cost two matmuls: x -> (N, E*r) -> gate -> (N, out).
+    Gates: for k >= 2, g = softmax over the k chosen router logits (Mixtral [4]); for k = 1,
+    g_i = p_i, the chosen expert's full-softmax probability (Switch Transformer [3]). The
+    renormalised softmax over one logit is always exactly 1, so a top-1 router would get no
+    gradient from the task loss and learn from the balancing loss alone (METHOD.md 2.3).
     With E == 1 there is no router and the layer is plain LoRA [2].
+
+    E experts of rank r stacked are one LoRA of rank E*r whose rank groups are gated per
+    token, so the experts cost two matmuls: x -> (N, E*r) -> gate -> (N, out). No tensor op
+    runs per expert or per token; the gates are put in place with one scatter (one gather at
+    k = 1), and B_all is built by concatenating the E slices of lora_B (a Python loop over E
+    views, one copy).
+
+    The adapter (lora_A, lora_B, router) is kept in float32 when the base is float16 or
+    bfloat16, as PEFT does: half-precision adapter weights lose small updates. The input is
+    cast to the adapter's dtype and the sum comes back in the base output's dtype. Under
+    autocast the matmuls run in autocast's dtype as usual.
+
+    Each forward keeps router_logits (N, E) and top_idx (N, k) for the balancing loss and
+    routing statistics (moe_aux_loss, routing_counts); both are None when E == 1.
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, r: int = 8, lora_alpha: float = 16.0, top_k: int = 2):
@@ -99,13 +128,15 @@ class LoRAMoELinear(nn.Module):
         self.scaling = lora_alpha / r
         self.top_k = min(top_k, num_experts)
         E, C, O = num_experts, self.in_features, self.out_features
-        like_base = {"device": base.weight.device, "dtype": base.weight.dtype}  # the adapter lives where its base does
+        half = base.weight.dtype in (torch.float16, torch.bfloat16)
+        # the adapter lives where its base does, in float32 on a half-precision base (PEFT's choice)
+        like_base = {"device": base.weight.device, "dtype": torch.float32 if half else base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(E, r, C, **like_base))  # E stacked (r, in) down-projections
         self.lora_B = nn.Parameter(torch.empty(E, O, r, **like_base))  # E stacked (out, r) up-projections
         self.router = nn.Linear(C, E, bias=False, **like_base) if E > 1 else None
         self.reset_parameters()
-        self.aux_loss = None  # this layer's load-balancing loss from the last forward (None when E == 1)
-        self.expert_counts = None  # (E,) routing slots each expert received in the last forward
+        self.router_logits = None  # (N, E) router logits of the last forward (None when E == 1)
+        self.top_idx = None  # (N, k) the experts each token chose in the last forward
 
     def reset_parameters(self):
         # PEFT's initialisation: A like an nn.Linear(in, r) weight, B = 0, so the layer starts equal to its base
@@ -116,21 +147,25 @@ class LoRAMoELinear(nn.Module):
     def forward(self, x):
         E, r, O = self.num_experts, self.r, self.out_features
         xs = x.reshape(-1, self.in_features)                          # (N, C)
+        y = self.base(xs)                                             # (N, out) in the base's (or autocast's) dtype
+        xs = xs.to(self.lora_A.dtype)                                 # (N, C) in the adapter's dtype
         h = xs @ self.lora_A.reshape(E * r, -1).t()                   # (N, E*r) every expert's A_i x at once
         if self.router is not None:
             logits = self.router(xs)                                  # (N, E)
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)     # (N, k)
-            # softmax over the k chosen logits [4]; unchosen experts get gate 0
-            top_gates = F.softmax(top_logits, dim=-1)                 # (N, k) float32 under CUDA autocast
+            if self.top_k == 1:  # Switch [3]: gate by the full-softmax probability p_i, so the router learns
+                top_gates = F.softmax(logits, dim=-1).gather(-1, top_idx)  # (N, 1)
+            else:  # softmax over the k chosen logits [4]
+                top_gates = F.softmax(top_logits, dim=-1)             # (N, k) float32 under CUDA autocast
+            # unchosen experts get gate 0
             gates = torch.zeros_like(logits, dtype=top_gates.dtype).scatter(-1, top_idx, top_gates)  # (N, E)
             h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)  # (N, E*r) gate each rank group
-            self.aux_loss = load_balancing_loss(logits, self.top_k, top_idx)
-            self.expert_counts = routing_counts(top_idx, E).detach()  # (E,)
+            self.router_logits, self.top_idx = logits, top_idx
         # cat rather than permute + reshape: lora_B's gradient then comes back contiguous, as DDP's buckets expect
         B_all = torch.cat(list(self.lora_B), dim=1)                   # (out, E*r) = [B_1 | B_2 | ... | B_E]
         # base(x) + scaling * B(A(x)), with the B matmul adding into the base output: one GEMM and no
         # (N, out) temporaries for the scaled delta and the sum, forward or backward (bench/bench.py)
-        y = torch.addmm(self.base(xs), h, B_all.t(), alpha=self.scaling)  # (N, out)
+        y = torch.addmm(y.to(h.dtype), h, B_all.t(), alpha=self.scaling).to(y.dtype)  # (N, out)
         return y.view(*x.shape[:-1], O)
 
     def extra_repr(self):
@@ -146,9 +181,23 @@ def moe_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
 
 
-def moe_aux_loss(model):
-    """Mean of the last forward's load-balancing loss over the layers that route (E >= 2)."""
-    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+def moe_aux_loss(model, mask=None):
+    """Mean over the layers that route (E >= 2) of load_balancing_loss on the last forward's tokens.
+
+    mask: optional bool tensor, one entry per token of that forward (e.g. (B, T) for a (B, T)
+    batch), True for the tokens the loss should balance. train.py passes the non-padding tokens
+    (prompt and answer): every real token is routed and its adapter output feeds the answer
+    through attention, while padding is not part of any example. Without a mask every token counts.
+    Example: a batch of two sequences of 3 tokens, the second one padded after its first token:
+    mask = [[1, 1, 1], [1, 0, 0]] balances the 4 real tokens of each layer's 6.
+    """
+    losses = []
+    for name, m in moe_layers(model):
+        if m.router_logits is None:
+            continue
+        if mask is not None and mask.numel() != m.router_logits.size(0):
+            raise ValueError(f"mask has {mask.numel()} entries but {name} routed {m.router_logits.size(0)} tokens")
+        losses.append(load_balancing_loss(m.router_logits, m.top_k, m.top_idx, mask))
     if not losses:
         return torch.zeros((), device=next(model.parameters()).device)
     return torch.stack(losses).mean()
@@ -269,6 +318,25 @@ def candidate_names(model, targets):
                          f"are {', '.join(linears[:6])}{', ...' if len(linears) > 6 else ''}")
     return [n for n in linears if any(n in names for names in matches.values())]
 
+def layer_name(name):
+    """The layer a module belongs to: its name up to and including the last all-digit part.
+    "layers.3.attn.q_proj" -> "layers.3"; in a stack nested in a container, "0.layers.1.linear2"
+    -> "0.layers.1"; "encoder.layers.1.linear1" and "decoder.layers.1.linear1" are two layers.
+    (A block whose sub-layers are numbered too, like T5's "block.3.layer.0", counts each sub-layer.)"""
+    parts = name.split(".")
+    last = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+    if last is None:
+        raise ValueError(f"cannot tell which layer {name!r} is in: its name has no numeric part")
+    return ".".join(parts[:last + 1])
+
+
+def layers_in_order(module_names):
+    """{layer: [module names]} with the layers in the order their first module comes (module order)."""
+    layers = {}
+    for m in module_names:
+        layers.setdefault(layer_name(m), []).append(m)
+    return layers
+
 # -----------------------------------------------------------------------------
 # Sensitivity: S_t(W_m) = sum over sampled examples x of task t of ||d l(x)/dW_m||_F^2   ([1] sec. 3.1)
 
@@ -375,7 +443,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
 
 
 def normalise_per_layer(sensitivity):
-    """Each task's scores as shares of that task's total within the same layer (layer_index), so
+    """Each task's scores as shares of that task's total within the same layer (layer_name), so
     every layer's candidates sum to 1 per task. This is roughly what the released code does without
     saying so: it clips each layer's gradient to norm 1 before reading the score (METHOD.md 2.1),
     so a layer's matrices compete only with each other, and depth no longer decides the votes.
@@ -383,10 +451,8 @@ def normalise_per_layer(sensitivity):
     -> {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}."""
     shares = {}
     for task, scores in sensitivity.items():
-        totals = {}
-        for name, s in scores.items():
-            totals[layer_index(name)] = totals.get(layer_index(name), 0.0) + s
-        shares[task] = {name: s / totals[layer_index(name)] if totals[layer_index(name)] > 0 else 0.0
+        totals = {layer: sum(scores[m] for m in names) for layer, names in layers_in_order(scores).items()}
+        shares[task] = {name: s / totals[layer_name(name)] if totals[layer_name(name)] > 0 else 0.0
                         for name, s in scores.items()}
     return shares
 
@@ -461,14 +527,6 @@ def apportion(weights, budget):
     return counts
 
 
-def layer_index(name):
-    """The layer a module belongs to: the first all-digit part of its name ("layers.3.attn.q_proj" -> 3)."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    raise ValueError(f"cannot tell which layer {name!r} is in: its name has no numeric part")
-
-
 def allocate_mola(module_names, budget):
     """MoLA [5]: "higher layers need more LoRA experts". MoLA's 2, 4, 6, 8 experts for the four
     quarters of the layers, every matrix in a layer sharing its layer's count, scaled to the budget:
@@ -476,9 +534,9 @@ def allocate_mola(module_names, budget):
     counts never decrease with depth. Example: 4 layers x (q, k, v, o), budget 16: quotas per matrix
     0.4, 0.8, 1.2, 1.6 by layer, floors 0, 0, 1, 1 (8 experts), the 8 left go to the largest
     remainders (layer 1's 0.8, layer 3's 0.6): 0, 1, 1, 2 experts per matrix by layer."""
-    layers = sorted({layer_index(m) for m in module_names})
+    layers = list(layers_in_order(module_names))  # by depth: module order
     quarter = {layer: 4 * i // len(layers) for i, layer in enumerate(layers)}  # 0..3, by depth
-    return apportion({m: 2 * (quarter[layer_index(m)] + 1) for m in module_names}, budget)
+    return apportion({m: 2 * (quarter[layer_name(m)] + 1) for m in module_names}, budget)
 
 
 def powerlaw_alpha(weight):
@@ -490,16 +548,25 @@ def powerlaw_alpha(weight):
     and the Kolmogorov-Smirnov distance D_i = max_j |F_fit(lambda_j) - j / n| compares the fitted
     power-law CDF F_fit(x) = 1 - (x / x_min)^(1 - alpha_i) with the tail's empirical CDF.
     Returns the alpha_i with the smallest D_i. A smaller alpha means a heavier tail: a better-trained matrix.
+
+    A spectrum with no tail to fit gives NaN (undefined), never a number made of rounding noise:
+    a zero matrix, or one whose eigenvalues all agree to within the rounding of the weight's dtype,
+    tol = 4 sqrt(n) eps (an orthogonal matrix: float32 rounding alone would give alpha ~ 1e6;
+    4 sqrt(n) eps bounds the spread measured on orthogonal matrices stored in float32, bfloat16 and
+    float16). Candidate tails whose largest / smallest eigenvalue is 1 + tol or less are skipped.
     """
     eigs = torch.linalg.svdvals(weight.detach().double()).pow(2).sort().values  # (n_eigs,) ascending
+    if len(eigs) == 0 or eigs[-1] == 0:
+        return math.nan  # zero matrix: no spectrum at all
     eigs = eigs[eigs > eigs[-1] * 1e-12]  # drop numerically zero eigenvalues
+    flat = 4 * math.sqrt(min(weight.shape)) * torch.finfo(weight.dtype).eps  # relative spread of rounding noise
     best_D, best_alpha = math.inf, math.nan
     for i in range(len(eigs) - 1):
         tail = eigs[i:]                                              # (n,)
         n = len(tail)
+        if tail[-1] <= tail[0] * (1 + flat):
+            break  # the rest of the spectrum is flat to rounding: no power law to fit
         log_sum = torch.log(tail / eigs[i]).sum()
-        if log_sum <= 0:
-            continue  # all-equal tail: no power law to fit
         alpha = 1 + n / log_sum
         fit_cdf = 1 - (tail / eigs[i]).pow(1 - alpha)                # (n,)
         D = (fit_cdf - torch.arange(n, dtype=tail.dtype) / n).abs().max().item()
@@ -512,13 +579,28 @@ def allocate_alpha(model, module_names, budget, beta=2.5):
     """AlphaLoRA [6], training-free: a layer's score is the mean powerlaw_alpha of its candidate
     matrices; each matrix gets weight alpha_layer ** beta (beta = 2.5, the paper's default), and
     `apportion` spends the budget exactly. A larger alpha (a less well-trained layer) gets more experts.
-    Returns (allocation, {layer: alpha})."""
+    Layers are grouped by layer_name. A matrix whose alpha is undefined (NaN: zero or flat spectrum)
+    is left out of its layer's mean, with a warning; a layer with no defined alpha gets the mean of
+    the other layers' alphas, so it is neither favoured nor starved. No defined alpha at all is a ValueError.
+    Returns (allocation, {layer: alpha}).
+    Example: layers.0 with alphas 2 and 4 scores 3, layers.1 with 5 and NaN scores 5, so every matrix of
+    layers.0 weighs 3 ** 2.5 = 15.6 and every matrix of layers.1 weighs 5 ** 2.5 = 55.9."""
     alphas = {m: powerlaw_alpha(model.get_submodule(m).weight) for m in module_names}
+    undefined = [m for m in module_names if math.isnan(alphas[m])]
+    if len(undefined) == len(module_names):
+        raise ValueError(f"no candidate matrix has a power-law spectrum to fit ({', '.join(undefined[:3])}"
+                         f"{', ...' if len(undefined) > 3 else ''} are zero or have all singular values equal); "
+                         "AlphaLoRA cannot rank them")
+    if undefined:
+        warnings.warn(f"{', '.join(undefined)}: zero or flat spectrum, no power-law alpha; left out of "
+                      "their layers' mean alpha", stacklevel=2)
     layer_alpha = {}
-    for layer in sorted({layer_index(m) for m in module_names}):
-        in_layer = [alphas[m] for m in module_names if layer_index(m) == layer]
-        layer_alpha[layer] = sum(in_layer) / len(in_layer)
-    return apportion({m: layer_alpha[layer_index(m)] ** beta for m in module_names}, budget), layer_alpha
+    for layer, names in layers_in_order(module_names).items():
+        defined = [alphas[m] for m in names if not math.isnan(alphas[m])]
+        layer_alpha[layer] = sum(defined) / len(defined) if defined else math.nan
+    known = [a for a in layer_alpha.values() if not math.isnan(a)]
+    layer_alpha = {layer: sum(known) / len(known) if math.isnan(a) else a for layer, a in layer_alpha.items()}
+    return apportion({m: layer_alpha[layer_name(m)] ** beta for m in module_names}, budget), layer_alpha
 
 
 def allocate_random(allocation, seed):
@@ -582,6 +664,26 @@ def adapter_state_dict(model):
             for key, p in m.named_parameters() if not key.startswith("base.")}
 
 
+def base_fingerprint(model, module_names):
+    """{module name: sha256 of its frozen weight and bias bytes} for the named nn.Linear modules (or
+    the base inside their LoRAMoELinear): ties a saved adapter to the exact base it was trained on.
+    The bytes are hashed as stored, so the same weights in another dtype give another fingerprint."""
+    prints = {}
+    for name in module_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name!r} is not a module of this model") from None
+        module = module.base if isinstance(module, LoRAMoELinear) else module
+        h = hashlib.sha256()
+        for t in (module.weight, module.bias):
+            if t is not None:
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        prints[name] = h.hexdigest()
+    return prints
+
+
 def adapter_state(model):
     """Everything needed to rebuild a trained adapter on a fresh copy of its base model,
     and nothing of the base model itself, as plain data that torch.save and
@@ -589,7 +691,8 @@ def adapter_state(model):
 
         {"allocation": {module name: experts}  (zero counts left out, as allocation.json),
          "lora": {"r": r, "lora_alpha": alpha, "top_k": k},
-         "adapter": adapter_state_dict(model)  (keys follow the wrapped module names)}
+         "adapter": adapter_state_dict(model)  (keys follow the wrapped module names),
+         "base": base_fingerprint(model, allocated names)  (sha256 of each adapted base matrix)}
 
     top_k is the largest k any layer uses: each layer keeps min(top_k, E), and
     rebuilding with that value gives every layer the same k again.
@@ -601,7 +704,8 @@ def adapter_state(model):
         raise ValueError("the LoRA-MoE layers differ in r or lora_alpha; adapter_state keeps one setting for all")
     return {"allocation": {name: m.num_experts for name, m in moe_layers(model)},
             "lora": {"r": layers[0].r, "lora_alpha": layers[0].lora_alpha, "top_k": max(m.top_k for m in layers)},
-            "adapter": adapter_state_dict(model)}
+            "adapter": adapter_state_dict(model),
+            "base": base_fingerprint(model, [name for name, _ in moe_layers(model)])}
 
 
 def set_adapter(model, tensors):
@@ -628,10 +732,24 @@ def set_adapter(model, tensors):
             params[name].copy_(tensors[name])
 
 
-def load_adapter(model, state):
+def load_adapter(model, state, check_base=True):
     """Rebuild an adapter saved with adapter_state on `model`, a fresh copy of the base model
     it was trained on: wrap the allocated modules with the saved settings (apply_lora_moe),
-    then copy the saved LoRA and router weights in (set_adapter). Modifies and returns `model`."""
+    then copy the saved LoRA and router weights in (set_adapter). Modifies and returns `model`.
+    First the base weights of the allocated modules are checked against the state's "base"
+    fingerprint: another base of the same shape (or the same weights in another dtype) raises
+    ValueError naming the first matrix that differs, before anything is changed. check_base=False
+    skips the check (for a base you know to be the same, e.g. re-quantised on purpose)."""
+    if check_base:
+        if "base" not in state:
+            raise ValueError("the adapter state records no base fingerprint (saved by an older version); "
+                             "pass check_base=False to load it without checking the base")
+        found = base_fingerprint(model, list(state["allocation"]))
+        differ = [name for name in state["allocation"] if state["base"].get(name) != found[name]]
+        if differ:
+            raise ValueError(f"the base weights of {differ[0]} ({len(differ)} of {len(found)} adapted matrices) differ "
+                             "from those the adapter was trained on: this is another base model; load the adapter "
+                             "onto its own base (or pass check_base=False if the difference is intended)")
     model = apply_lora_moe(model, state["allocation"], **state["lora"])
     set_adapter(model, state["adapter"])
     return model

@@ -29,8 +29,8 @@ import data
 import train
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, adapter_state_dict, allocate_alpha,
                   allocate_experts, allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion,
-                  candidate_names, compute_sensitivity, layer_index, load_adapter, load_balancing_loss, moe_aux_loss,
-                  normalise_per_layer, powerlaw_alpha)
+                  base_fingerprint, candidate_names, compute_sensitivity, layer_name, load_adapter, load_balancing_loss,
+                  moe_aux_loss, moe_layers, normalise_per_layer, powerlaw_alpha, routing_counts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -70,8 +70,11 @@ def naive_lora_moe(layer, x):
         else:
             logits = layer.router.weight @ token
             chosen = sorted(range(layer.num_experts), key=lambda i: -logits[i].item())[:layer.top_k]
-            z = torch.stack([logits[i] for i in chosen])
-            gates = torch.exp(z - z.max()) / torch.exp(z - z.max()).sum()  # softmax over the chosen logits
+            if layer.top_k == 1:  # Switch: the chosen expert's probability under the softmax over all E
+                gates = [torch.exp(logits[chosen[0]]) / torch.exp(logits).sum()]
+            else:
+                z = torch.stack([logits[i] for i in chosen])
+                gates = torch.exp(z - z.max()) / torch.exp(z - z.max()).sum()  # softmax over the chosen logits
         for g, i in zip(gates, chosen):
             y = y + g * layer.scaling * (layer.lora_B[i] @ (layer.lora_A[i] @ token))
         out.append(y)
@@ -108,12 +111,59 @@ def test_layer_under_bf16_autocast_matches_float32_loop():
     x = torch.randn(64, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16 and layer.aux_loss.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and moe_aux_loss(layer).dtype == torch.float32
     # bf16 may swap the 2nd and 3rd expert of a token whose router logits nearly tie; compare the others
     third = (x @ layer.router.weight.t()).topk(3, dim=-1).values  # (N, 3)
     clear = third[:, 1] - third[:, 2] > 0.05
     assert clear.sum() >= 48, clear.sum()
     assert_close(y.float()[clear], naive_lora_moe(layer, x)[clear], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("E,top_k", [(1, 2), (2, 1), (4, 1), (4, 2), (3, 3)])
+def test_backward_equals_naive_loop(E, top_k):
+    torch.manual_seed(E + 10 * top_k)
+    layer = LoRAMoELinear(nn.Linear(10, 7, bias=False), E, r=3, lora_alpha=6.0, top_k=top_k)
+    nn.init.normal_(layer.lora_B)
+    x, w = torch.randn(2, 5, 10), torch.randn(2, 5, 7)  # loss = sum(w * y): every output weighted differently
+    params = [p for p in layer.parameters() if p.requires_grad]
+    fast = torch.autograd.grad((w * layer(x)).sum(), params)
+    slow = torch.autograd.grad((w * naive_lora_moe(layer, x)).sum(), params)
+    for g, h in zip(fast, slow):
+        assert g.abs().max() > 0
+        assert_close(g, h)
+
+
+def test_top_1_gate_is_the_router_probability_so_the_router_learns_from_the_task_loss():
+    # with softmax over the one chosen logit the gate is always 1 and the router's task-loss gradient is 0
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(8, 6, bias=False), 4, r=2, top_k=1)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(20, 8)
+    probs = F.softmax(x @ layer.router.weight.t(), dim=-1)                    # (N, E)
+    p, i = probs.max(dim=-1)                                                   # Switch: gate = p_i of the argmax
+    delta = torch.stack([layer.lora_B[e] @ layer.lora_A[e] @ t for e, t in zip(i.tolist(), x)])  # (N, out)
+    assert_close(layer(x), x @ layer.base.weight.t() + layer.scaling * p[:, None] * delta)
+    layer(x).pow(2).sum().backward()  # the task loss alone, no balancing loss
+    assert layer.router.weight.grad.abs().max() > 1e-3
+
+
+def test_half_precision_base_keeps_a_float32_adapter():
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(16, 12, bias=True).to(torch.bfloat16), 4, r=4, top_k=2)
+    assert {p.dtype for n, p in layer.named_parameters() if not n.startswith("base.")} == {torch.float32}
+    nn.init.normal_(layer.lora_B)
+    reference = copy.deepcopy(layer)
+    reference.base.float()  # the same weights, all in float32
+    x = torch.randn(32, 16).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = naive_lora_moe(reference, x.float()) + reference.base.bias
+    assert_close(y.float(), expected, atol=0.05, rtol=0.02)  # bf16 rounding of the output
+    y.float().pow(2).sum().backward()
+    for name in ("lora_A", "lora_B", "router.weight"):
+        grad = layer.get_parameter(name).grad
+        assert grad.dtype == torch.float32 and grad.abs().max() > 0, name
+    assert layer.base.weight.grad is None
 
 
 def test_routing_counts_match_top_k_choices():
@@ -123,8 +173,9 @@ def test_routing_counts_match_top_k_choices():
     layer(x)
     chosen = (x @ layer.router.weight.t()).topk(2, dim=-1).indices.flatten().tolist()
     expected = torch.tensor([chosen.count(i) for i in range(4)], dtype=torch.float)
-    assert torch.equal(layer.expert_counts, expected)
-    assert layer.expert_counts.sum().item() == 50 * 2
+    counts = routing_counts(layer.top_idx, 4)
+    assert torch.equal(counts.float(), expected)
+    assert counts.sum().item() == 50 * 2
 
 
 def test_wrapped_model_equals_base_model_at_initialisation():
@@ -145,10 +196,14 @@ def test_wrapped_model_equals_base_model_at_initialisation():
 def test_balancing_loss_is_one_at_uniform_routing(E, top_k):
     # equal logits: every router probability is 1/E, whatever topk picks
     assert abs(load_balancing_loss(torch.zeros(30, E), top_k).item() - 1.0) < 1e-6
-    # perfectly balanced assignment with unequal logits: token n prefers expert n mod E
-    logits = torch.eye(E).repeat(5, 1) * 3.0
-    if top_k == 1:
-        assert abs(load_balancing_loss(logits, top_k).item() - 1.0) < 1e-6
+    # balanced slots, unbalanced probabilities: token n ranks experts n, n+1, ... (mod E), so every expert
+    # fills k of the E*k slots (f = 1/E each), but tokens are sharper the larger n, so P is not uniform.
+    # Then L = E * sum_i P_i / E = 1; any other f (e.g. all slots on one expert) gives E * P_0 != 1
+    n = torch.arange(E)[:, None]
+    logits = -((torch.arange(E) - n) % E).float() * (1.0 + n)            # (E, E) token n prefers expert n
+    P = F.softmax(logits, dim=-1).mean(0)
+    assert (P * E - 1).abs().max() > 0.1
+    assert abs(load_balancing_loss(logits, top_k).item() - 1.0) < 1e-6
 
 
 @pytest.mark.parametrize("E", [2, 4, 8])
@@ -167,6 +222,66 @@ def test_balancing_loss_worked_by_hand():
     assert abs(load_balancing_loss(logits, 2).item() - 1.2) < 1e-6
 
 
+def test_balancing_loss_gradient_trains_the_router():
+    # dL/dz_nj = (E / N) * p_nj * (f_j - sum_i f_i p_ni), f held fixed (a count): the gradient by hand
+    torch.manual_seed(0)
+    N, E, k = 6, 4, 2
+    z = torch.randn(N, E, requires_grad=True)
+    load_balancing_loss(z, k).backward()
+    p = F.softmax(z.detach(), dim=-1)
+    f = torch.zeros(E)
+    for row in z.detach().topk(k, dim=-1).indices.tolist():
+        for i in row:
+            f[i] += 1 / (N * k)
+    assert_close(z.grad, E / N * p * (f - (p * f).sum(-1, keepdim=True)))
+    # and on a layer: the balancing loss alone moves a collapsed router towards balance
+    layer = LoRAMoELinear(nn.Linear(8, 8, bias=False), 4, r=2, top_k=1)
+    with torch.no_grad():
+        layer.router.weight[0] += 0.5  # expert 0 wins for most tokens
+    x = torch.rand(64, 8)
+    optimizer = torch.optim.SGD(layer.router.parameters(), lr=1.0)
+    losses = []
+    for _ in range(30):
+        layer(x)
+        aux = moe_aux_loss(layer)
+        losses.append(aux.item())
+        optimizer.zero_grad()
+        aux.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_balancing_loss_counts_only_the_masked_tokens():
+    torch.manual_seed(0)
+    N, E, k = 12, 4, 2
+    logits, mask = torch.randn(N, E), torch.rand(N) > 0.4
+    kept = [n for n in range(N) if mask[n]]
+    f, P = [0.0] * E, [0.0] * E  # the masked tokens only, token by token
+    for n in kept:
+        probs = F.softmax(logits[n], dim=-1).tolist()
+        for i in sorted(range(E), key=lambda i: -probs[i])[:k]:
+            f[i] += 1 / (len(kept) * k)
+        for i in range(E):
+            P[i] += probs[i] / len(kept)
+    expected = E * sum(a * b for a, b in zip(f, P))
+    assert abs(load_balancing_loss(logits, k, mask=mask).item() - expected) < 1e-6
+    assert load_balancing_loss(logits, k, mask=torch.zeros(N, dtype=torch.bool)).item() == 0  # nothing to balance
+
+    # moe_aux_loss with the padding of a real batch masked equals each layer's loss on its real tokens
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS)
+    apply_lora_moe(model, {names[0]: 3, names[5]: 4}, r=2, top_k=2)
+    x, _ = data.get_batch(list(data.TASKS), 6, random.Random(0))
+    real = x != data.STOI[data.PAD]
+    assert not real.all()  # the batch is padded
+    model(x)
+    layers = [model.get_submodule(n) for n in (names[0], names[5])]
+    by_hand = [load_balancing_loss(m.router_logits[real.flatten()], m.top_k) for m in layers]
+    assert_close(moe_aux_loss(model, mask=real), sum(by_hand) / 2)
+    with pytest.raises(ValueError, match="mask has 5 entries"):
+        moe_aux_loss(model, mask=real.flatten()[:5])
+
+
 def test_model_aux_loss_averages_routing_layers_only():
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
@@ -174,8 +289,9 @@ def test_model_aux_loss_averages_routing_layers_only():
     x, _ = data.get_batch(list(data.TASKS), 4, random.Random(0))
     model(x)
     layers = [model.get_submodule(n) for n in names[1:3]]
-    assert model.get_submodule(names[0]).aux_loss is None  # one expert: no router, no balancing loss
-    assert_close(moe_aux_loss(model), (layers[0].aux_loss + layers[1].aux_loss) / 2)
+    assert model.get_submodule(names[0]).router_logits is None  # one expert: no router, no balancing loss
+    per_layer = [load_balancing_loss(m.router_logits, m.top_k) for m in layers]
+    assert_close(moe_aux_loss(model), (per_layer[0] + per_layer[1]) / 2)
 
 # -----------------------------------------------------------------------------
 # Sensitivity
@@ -408,11 +524,21 @@ def test_apportion_is_exact_and_within_one_of_the_quota():
             assert abs(counts[m] - budget * w / sum(weights.values())) < 1  # largest remainder never misses by 1
 
 
+def test_apportion_gives_leftovers_to_the_largest_remainders_and_breaks_ties_by_weight_then_name():
+    # quotas 2.4, 0.8, 0.8: floors 2, 0, 0, the two units left go to b and c (remainder 0.8), not to a and b
+    assert apportion({"a": 3, "b": 1, "c": 1}, 4) == {"a": 2, "b": 1, "c": 1}
+    # quotas 0.5, 1.5: equal remainders, the larger weight (b) wins
+    assert apportion({"a": 1, "b": 3}, 2) == {"a": 0, "b": 2}
+    assert apportion({"b": 3, "a": 1}, 2) == {"b": 2, "a": 0}
+    # equal weights, equal remainders: the later name wins (deeper layers)
+    assert apportion({"a": 1, "b": 1, "c": 1}, 2) == {"a": 0, "b": 1, "c": 1}
+
+
 def test_mola_worked_example_and_non_decreasing_with_depth():
     names = [f"layers.{i}.attn.{m}" for i in range(4) for m in TARGETS]
     counts = allocate_mola(names, 16)
     assert [counts[f"layers.{i}.attn.q_proj"] for i in range(4)] == [0, 1, 1, 2]  # 2:4:6:8 scaled, see docstring
-    assert all(counts[n] == counts[f"layers.{layer_index(n)}.attn.q_proj"] for n in names)
+    assert all(counts[n] == counts[f"{layer_name(n)}.attn.q_proj"] for n in names)
     for n_layers in (2, 4, 6, 8, 32):
         names = [f"blocks.{i}.{m}" for i in range(n_layers) for m in ("q", "v", "up")]
         for budget in range(1, 4 * len(names) + 1, 3):
@@ -436,18 +562,54 @@ def test_powerlaw_alpha_recovers_a_known_exponent(mu):
     assert abs(powerlaw_alpha(spectrum_matrix(mu)) - mu) < 0.25 * mu ** 0.5
 
 
+def test_powerlaw_alpha_finds_the_tail_above_a_bulk():
+    # 200 eigenvalues uniform in [0.1, 1] under 200 from a Pareto tail x^-2.5 from x_min = 2: a Hill estimate
+    # over the whole spectrum (x_min = 0.1) gives 1.39; the KS search must find the tail and alpha near 2.5
+    g = torch.Generator().manual_seed(0)
+    eigs = torch.cat([0.1 + 0.9 * torch.rand(200, generator=g, dtype=torch.double),
+                      2.0 * torch.rand(200, generator=g, dtype=torch.double).pow(-1 / 1.5)])
+    q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.double))
+    whole = 1 + 400 / torch.log(eigs / eigs.min()).sum().item()
+    assert abs(whole - 2.5) > 1
+    assert abs(powerlaw_alpha(q * eigs.sqrt()) - 2.5) < 0.45  # 2.90: KS picks an x_min a little above 2
+
+
+def test_powerlaw_alpha_of_a_flat_or_zero_spectrum_is_undefined_and_takes_no_budget():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert math.isnan(powerlaw_alpha(nn.init.orthogonal_(torch.empty(32, 32)).to(dtype)))  # all sigma = 1
+    assert math.isnan(powerlaw_alpha(torch.zeros(8, 8)))
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS)
+    with torch.no_grad():
+        nn.init.orthogonal_(model.get_submodule(names[0]).weight)           # layers.0: q orthogonal
+        for name in names[4:]:                                              # layers.1: all zero
+            model.get_submodule(name).weight.zero_()
+    alphas = {n: powerlaw_alpha(model.get_submodule(n).weight) for n in names[1:4]}
+    with pytest.warns(UserWarning, match="no power-law alpha"):
+        counts, layer_alpha = allocate_alpha(model, names, 8)
+    mean0 = sum(alphas.values()) / 3  # layers.0 without its orthogonal q
+    assert layer_alpha == pytest.approx({"layers.0": mean0, "layers.1": mean0})  # undefined layer: the others' mean
+    assert counts == {n: 1 for n in names}  # equal scores: an even split, nobody takes the whole budget
+    with torch.no_grad():
+        for name in names[:4]:
+            model.get_submodule(name).weight.zero_()
+    with pytest.raises(ValueError, match="no candidate matrix has a power-law spectrum"):
+        allocate_alpha(model, names, 8)
+
+
 def test_alpha_allocation_gives_more_where_alpha_is_larger():
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
     with torch.no_grad():
         for name in names:  # layer 0 heavy-tailed (small alpha), layer 1 light-tailed (large alpha)
-            mu = 1.8 if layer_index(name) == 0 else 5.0
+            mu = 1.8 if layer_name(name) == "layers.0" else 5.0
             model.get_submodule(name).weight.copy_(spectrum_matrix(mu, n=16, seed=len(name))[:16, :16])
     counts, alphas = allocate_alpha(model, names, 12)
-    assert alphas[0] < alphas[1]
+    assert alphas["layers.0"] < alphas["layers.1"]
     assert sum(counts.values()) == 12 and allocate_alpha(model, names, 12)[0] == counts
-    assert min(counts[n] for n in names if layer_index(n) == 1) >= max(counts[n] for n in names if layer_index(n) == 0)
-    expected = apportion({n: alphas[layer_index(n)] ** 2.5 for n in names}, 12)  # n_l proportional to alpha^2.5
+    assert min(counts[n] for n in names if layer_name(n) == "layers.1") >= max(counts[n] for n in names if layer_name(n) == "layers.0")
+    expected = apportion({n: alphas[layer_name(n)] ** 2.5 for n in names}, 12)  # n_l proportional to alpha^2.5
     assert counts == expected
 
 
@@ -460,11 +622,34 @@ def test_random_allocation_shuffles_the_same_counts():
     assert any(allocate_random(allocation, seed=s) != allocation for s in range(3))
 
 
-def test_layer_index_reads_the_first_numeric_part():
-    assert layer_index("layers.3.attn.q_proj") == 3
-    assert layer_index("encoder.layers.10.linear1") == 10
+def test_layer_name_reads_the_path_up_to_the_last_numeric_part():
+    assert layer_name("layers.3.attn.q_proj") == "layers.3"
+    assert layer_name("encoder.layers.10.linear1") == "encoder.layers.10"
+    assert layer_name("0.layers.1.linear2") == "0.layers.1"  # a stack nested in a container
+    assert layer_name("encoder.layers.1.linear1") != layer_name("decoder.layers.1.linear1")
     with pytest.raises(ValueError, match="no numeric part"):
-        layer_index("lm_head")
+        layer_name("lm_head")
+
+
+def tiny_transformer():
+    torch.manual_seed(0)
+    return nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24, batch_first=True)
+
+
+def test_mola_and_alpha_group_encoder_and_decoder_layers_apart():
+    model = tiny_transformer()
+    names = candidate_names(model, ["linear1", "linear2"])
+    assert names[:2] == ["encoder.layers.0.linear1", "encoder.layers.0.linear2"]
+    layers = ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]  # module order
+    # MoLA: four layers, one per quarter, weights 2, 4, 6, 8 per matrix; budget 40 -> quotas 2, 4, 6, 8
+    assert allocate_mola(names, 40) == {n: 2 * (layers.index(layer_name(n)) + 1) for n in names}
+    # AlphaLoRA: a layer's alpha is the mean of its two matrices' alphas
+    counts, layer_alpha = allocate_alpha(model, names, 16)
+    alpha = {n: powerlaw_alpha(model.get_submodule(n).weight) for n in names}
+    assert list(layer_alpha) == layers
+    for layer in layers:
+        assert layer_alpha[layer] == pytest.approx((alpha[layer + ".linear1"] + alpha[layer + ".linear2"]) / 2)
+    assert counts == apportion({n: layer_alpha[layer_name(n)] ** 2.5 for n in names}, 16)
 
 
 @pytest.mark.parametrize("rule", ["sensitivity", "uniform", "mola", "alpha", "random"])
@@ -474,8 +659,15 @@ def test_every_rule_runs_from_train_py(rule, tmp_path):
                              "--device", "cpu", "--out", str(tmp_path / rule), "--cache", str(tmp_path)])
     results = train.main(args)
     assert sum(results["allocation"].values()) == 16
-    if rule == "uniform":
-        assert set(results["allocation"].values()) == {1}
+    # the rule's own function on the same cached base: swapping rules in train.py's dispatch fails here
+    (cache,) = tmp_path.glob("base-*.pt")
+    base = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    base.load_state_dict(torch.load(cache, weights_only=True)["model"])
+    names = candidate_names(base, TARGETS)
+    votes = allocate_experts(results["sensitivity"], 16)
+    expected = {"sensitivity": votes, "uniform": allocate_uniform(names, 16), "mola": allocate_mola(names, 16),
+                "alpha": allocate_alpha(base, names, 16)[0], "random": allocate_random(votes, 0)}[rule]
+    assert results["allocation"] == expected
     assert json.loads((tmp_path / rule / "allocation.json").read_text()) == {
         m: n for m, n in results["allocation"].items() if n > 0}
 
@@ -539,7 +731,8 @@ def test_training_step_moves_only_adapter_parameters():
     apply_lora_moe(model, {names[0]: 2, names[3]: 1, names[6]: 3}, r=2, top_k=1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # no weight decay: AdamW's default decay would move every parameter even with zero gradients
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     x, y = data.get_batch(list(data.TASKS), 8, random.Random(0))
     for _ in range(2):  # two steps: at step one B = 0, so only B and the routers move
         _, ce = model(x, y)
@@ -551,7 +744,7 @@ def test_training_step_moves_only_adapter_parameters():
         if n in frozen:
             assert p.grad is None and torch.equal(p, frozen[n]), n
         else:
-            assert p.grad is not None and not torch.equal(p, adapters[n]), n
+            assert p.grad is not None and p.grad.abs().max() > 0 and not torch.equal(p, adapters[n]), n
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
@@ -715,6 +908,23 @@ def test_load_adapter_rejects_a_mismatched_state():
     wider = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32))
     with pytest.raises(ValueError, match="another base model"):
         load_adapter(wider, state)
+
+
+def test_load_adapter_refuses_another_base_of_the_same_shape():
+    model = tiny_gpt(seed=0)
+    names = candidate_names(model, TARGETS)
+    state = adapter_state(apply_lora_moe(model, {names[0]: 2, names[3]: 1}, r=2))
+    assert state["base"] == base_fingerprint(tiny_gpt(seed=0), [names[0], names[3]])
+    load_adapter(tiny_gpt(seed=0), state)  # the same base: fine
+    other = tiny_gpt(seed=0)
+    with torch.no_grad():
+        other.get_submodule(names[3]).weight[0, 0] += 1e-3  # one entry of one adapted matrix differs
+    with pytest.raises(ValueError, match=f"base weights of {names[3]} .* another base model"):
+        load_adapter(other, state)
+    assert not moe_layers(other)  # refused before anything was wrapped
+    assert moe_layers(load_adapter(other, state, check_base=False))  # the explicit opt-out
+    with pytest.raises(ValueError, match="no base fingerprint"):
+        load_adapter(tiny_gpt(seed=0), {k: v for k, v in state.items() if k != "base"})
 
 # -----------------------------------------------------------------------------
 # Any model, from Hugging Face: experiments/hf_model.py on a tiny random Llama (nothing downloaded)
@@ -881,6 +1091,16 @@ def test_tasks_answer_correctly_and_heldout_inputs_never_train():
     assert all(data.is_heldout(p[1:-1]) and a[:-1] == "".join(sorted(p[1:-1])) for p, a in pairs)
 
 
+def test_targets_are_the_next_answer_characters():
+    # by hand: line "Rabc=cba.", input x = the line without its last character, padded; the target at
+    # position i is the character at i + 1, kept only where that character belongs to the answer "cba."
+    x, y = data.encode([("Rabc=", "cba.")])
+    ids = lambda text: [data.STOI[c] for c in text]  # noqa: E731
+    pad = data.BLOCK_SIZE - 8
+    assert x[0].tolist() == ids("Rabc=cba") + ids(data.PAD) * pad
+    assert y[0].tolist() == [-1, -1, -1, -1] + ids("cba.") + [-1] * pad  # "=" (position 4) predicts "c"
+
+
 def test_batch_masks_the_prompt():
     x, y = data.encode([("Rabc=", "cba.")])
     assert data.decode(x[0].tolist()).startswith("Rabc=cba")
@@ -986,6 +1206,30 @@ def test_train_py_under_torchrun_with_two_processes(tmp_path):
     assert results["allocation"] == expected  # every rank checked its own against rank 0's before training
     assert json.loads((tmp_path / "allocation.json").read_text()) == {n: c for n, c in expected.items() if c > 0}
 
+    # reference for DDP: the same 10 AdamW steps by hand, each on the mean of the two ranks' gradients
+    # (rank r samples its batches as train.py does with seed r); without the averaging, rank 0's
+    # adapter would follow its own gradients alone and differ here
+    torch.manual_seed(0)
+    apply_lora_moe(model, expected, r=8, lora_alpha=16.0, top_k=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    rngs = [random.Random(f"finetune-{r}") for r in range(2)]
+    for step in range(10):
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / 10))
+        grads = []
+        for rng in rngs:
+            x, y = data.get_batch(list(data.TASKS), 8, rng)
+            _, ce = model(x, y)
+            loss = ce + 0.01 * moe_aux_loss(model, mask=x != data.STOI[data.PAD])
+            grads.append(torch.autograd.grad(loss, params))
+        for p, g0, g1 in zip(params, *grads):
+            p.grad = (g0 + g1) / 2
+        optimizer.step()
+    saved = torch.load(tmp_path / "adapter.pt", weights_only=True)["adapter"]
+    for name, t in adapter_state_dict(model).items():
+        assert_close(saved[name], t, atol=1e-4, rtol=1e-3)
+
 # -----------------------------------------------------------------------------
 # train.py: checkpoints, resume, determinism, faults and bad files. Runs are in-process with tiny
 # settings; most start from the reference run's cached base, so only two runs pretrain in full.
@@ -1066,11 +1310,11 @@ def test_killed_then_interrupted_run_resumes_to_the_same_results(reference, tmp_
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job starts with Ctrl-C ignored
     handler = signal.getsignal(signal.SIGINT)
     real_aux, calls = train.moe_aux_loss, []
-    def fault(model):  # called once per fine-tuning step
+    def fault(model, mask=None):  # called once per fine-tuning step
         calls.append(1)
         if len(calls) == fault.at:
             fault.action()
-        return real_aux(model)
+        return real_aux(model, mask)
     monkeypatch.setattr(train, "moe_aux_loss", fault)
 
     def crash():
@@ -1112,8 +1356,12 @@ def test_saved_adapter_on_a_fresh_model_reproduces_the_fine_tuned_outputs(refere
     name = next(iter(saved["adapter"]))
     saved["adapter"][name + "_renamed"] = saved["adapter"].pop(name)
     torch.save(saved, tmp_path / "renamed.pt")
+    fresh = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    with pytest.raises(ValueError, match="another base model"):  # a base of the right shape, not the right weights
+        train.load_adapter_file(fresh, str(reference["out"] / "adapter.pt"))
+    fresh.load_state_dict(torch.load(cache, weights_only=True)["model"])
     with pytest.raises(ValueError, match="do not match the model: 1 missing"):
-        train.load_adapter_file(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), str(tmp_path / "renamed.pt"))
+        train.load_adapter_file(fresh, str(tmp_path / "renamed.pt"))
     (tmp_path / "cut.pt").write_bytes((reference["out"] / "adapter.pt").read_bytes()[:500])
     with pytest.raises(ValueError, match="cannot be read .*truncated, corrupt"):
         train.load_adapter_file(tiny_gpt(), str(tmp_path / "cut.pt"))
@@ -1169,9 +1417,9 @@ def test_resume_refuses_a_missing_damaged_or_mismatched_checkpoint(reference, tm
 def test_non_finite_loss_or_gradient_stops_training_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
     out = with_base(reference, tmp_path)
     real_aux, calls = train.moe_aux_loss, []
-    def nan_from_step_8(model):
+    def nan_from_step_8(model, mask=None):
         calls.append(1)
-        return real_aux(model) * (float("nan") if len(calls) >= 8 else 1.0)
+        return real_aux(model, mask) * (float("nan") if len(calls) >= 8 else 1.0)
     monkeypatch.setattr(train, "moe_aux_loss", nan_from_step_8)
     message = fails_with(out)
     assert message.endswith(f"non-finite loss at fine-tuning step 8; training stopped, the last good checkpoint "
@@ -1182,9 +1430,9 @@ def test_non_finite_loss_or_gradient_stops_training_and_keeps_the_last_good_chec
 
     # a finite loss whose gradient is not: sqrt'(0) = inf, times the zero that keeps the value at 0, is NaN
     calls.clear()
-    def nan_gradient_at_step_3(model):
+    def nan_gradient_at_step_3(model, mask=None):
         calls.append(1)
-        aux = real_aux(model)
+        aux = real_aux(model, mask)
         if len(calls) == 3:
             aux = aux + 0 * sum((m.lora_B * 0).pow(2).sum().sqrt() for _, m in train.moe_layers(model))
         return aux
@@ -1292,6 +1540,51 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train.write_atomic(str(path), half_then_crash)
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+# -----------------------------------------------------------------------------
+# train.py: temporary files, the memory figure, folders in the way, the pretraining batch
+
+
+def test_write_atomic_runs_sharing_a_folder_never_collide(tmp_path):
+    # a second run writes the same file while the first is still writing (a shared --cache)
+    path = str(tmp_path / "base.pt")
+    def outer(p):
+        open(p, "w").write("first")
+        train.write_atomic(path, lambda q: open(q, "w").write("second"))  # with path + ".tmp" this one took ours
+    train.write_atomic(path, outer)
+    assert open(path).read() == "first" and os.listdir(tmp_path) == ["base.pt"]
+    open(tmp_path / "plain.pt", "w").close()
+    assert os.stat(path).st_mode == os.stat(tmp_path / "plain.pt").st_mode  # readable as a plain file would be
+
+
+@pytest.mark.parametrize("platform,mb", [("linux", 2**30 / 1024), ("darwin", 2**30 / 2**20)])
+def test_peak_memory_reads_ru_maxrss_in_the_platform_unit(platform, mb, monkeypatch):
+    # getrusage's ru_maxrss is KiB on Linux and bytes on macOS: 2**30 is 1 TiB on Linux, 1 GiB on macOS
+    monkeypatch.setattr(train.sys, "platform", platform)
+    monkeypatch.setattr(train.resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=2**30))
+    assert train.peak_memory_mb(torch.device("cpu")) == mb
+
+
+def test_a_folder_where_an_output_file_goes_is_one_clear_line(tmp_path):
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(SystemExit, match="holds a folder named checkpoint.pt"):
+        train.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+
+
+def test_batch_size_leaves_the_pretrained_base_alone(tmp_path, monkeypatch):
+    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
+    cache = lambda *argv: train.base_cache(train.parse_args(["--out", str(tmp_path), *argv]), cfg)[0]  # noqa: E731
+    assert cache("--batch-size", "8") == cache()
+    assert cache("--pretrain-batch-size", "8") != cache()
+    sizes, get_batch = [], data.get_batch
+    def spy(tasks, batch_size, rng, split="train"):
+        sizes.append(batch_size)
+        return get_batch(tasks, batch_size, rng, split)
+    monkeypatch.setattr(data, "get_batch", spy)
+    args = train.parse_args(["--out", str(tmp_path), "--pretrain-steps", "2", "--pretrain-batch-size", "3",
+                             "--batch-size", "5", "--device", "cpu"])
+    train.pretrained_base(args, cfg, torch.device("cpu"))
+    assert sizes == [3, 3]
 
 
 def test_resume_under_torchrun_is_refused(monkeypatch, tmp_path):

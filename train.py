@@ -30,6 +30,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -41,7 +42,7 @@ from tqdm import tqdm
 import data
 from smoe import (GPT, GPTConfig, adapter_state, adapter_state_dict, allocate_alpha, allocate_experts, allocate_mola,
                   allocate_random, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,
-                  load_adapter, moe_aux_loss, moe_layers, normalise_per_layer, set_adapter)
+                  load_adapter, moe_aux_loss, moe_layers, normalise_per_layer, routing_counts, set_adapter)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # what --targets may name
 ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --alloc may name
@@ -80,17 +81,17 @@ def routing_stats(model, eval_sets, device):
     """Share of routing slots per expert and normalised entropy (1 = uniform, 0 = collapse)
     for every routing layer, over the held-out lines (no padding: lines are grouped by length)."""
     layers = [(name, m) for name, m in moe_layers(model) if m.router is not None]
-    counts = {name: torch.zeros(m.num_experts, device=device) for name, m in layers}
+    counts = {name: torch.zeros(m.num_experts, dtype=torch.long, device=device) for name, m in layers}
     lines = [p + a for pairs in eval_sets.values() for p, a in pairs]
     for length in sorted(set(map(len, lines))):
         ids = torch.tensor([[data.STOI[c] for c in s] for s in lines if len(s) == length], device=device)
         model(ids[:, :-1])
         for name, m in layers:
-            counts[name] += m.expert_counts
+            counts[name] += routing_counts(m.top_idx, m.num_experts)
     stats = {}
     for name, m in layers:
         share = counts[name] / counts[name].sum()
-        entropy = -(share * share.clamp_min(1e-12).log()).sum() / math.log(m.num_experts)
+        entropy = torch.special.entr(share).sum() / math.log(m.num_experts)  # entr(p) = -p ln p, 0 at p = 0
         stats[name] = {"share": [round(s, 3) for s in share.tolist()], "entropy": round(entropy.item(), 3)}
     return stats
 
@@ -141,11 +142,16 @@ def allocation_table(allocation, n_layer, targets):
 
 def write_atomic(path, write):
     """write(tmp_path), then rename over `path`: a crash or Ctrl-C never leaves a half-written file,
-    and the previous version of `path` stays intact until the new one is complete.
+    and the previous version of `path` stays intact until the new one is complete. The temporary
+    file is unique (tempfile), in the same folder, so runs sharing a --cache never collide.
     Under torchrun only rank 0 writes; the other ranks hold the same results."""
     if int(os.environ.get("RANK", 0)) > 0:
         return
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain open(path, "w"), not mkstemp's owner-only 0o600
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -171,7 +177,8 @@ def to_device(t, device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux reports KiB)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process peak RSS: bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def fail(message):
@@ -201,8 +208,9 @@ def read_torch(path, name=None):
 def load_adapter_file(model, path):
     """A saved adapter.pt on a fresh base `model` (a GPT holding the same pretrained weights):
     checked, then smoe.load_adapter wraps the matrices its allocation names with its r, alpha and
-    top-k and loads its LoRA and router weights. The result computes exactly what the fine-tuned
-    model computed. A file that is unreadable or made for another model raises ValueError."""
+    top-k and loads its LoRA and router weights, after checking that the adapted base matrices are
+    the ones it was trained on (their sha256 fingerprint). The result computes exactly what the
+    fine-tuned model computed. A file that is unreadable or made for another model or base raises ValueError."""
     saved = read_torch(path)
     if (not isinstance(saved, dict) or not {"adapter", "allocation", "model_config", "lora"} <= set(saved)
             or not isinstance(saved["allocation"], dict)):
@@ -322,7 +330,7 @@ def base_cache(args, cfg):
     the base (model configuration, a fingerprint of the data, base seed, pretraining settings)."""
     fingerprint = [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(16)]  # changes if data.py does
     key = json.dumps({"model": dataclasses.asdict(cfg), "data": fingerprint, "seed": args.base_seed,
-                      "steps": args.pretrain_steps, "batch_size": args.batch_size, "lr": args.pretrain_lr}, sort_keys=True)
+                      "steps": args.pretrain_steps, "batch_size": args.pretrain_batch_size, "lr": args.pretrain_lr}, sort_keys=True)
     return os.path.join(args.cache, f"base-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"), key
 
 
@@ -341,9 +349,10 @@ def pretrained_base(args, cfg, device):
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
-    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True)
+    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True,
+                disable=int(os.environ.get("RANK", 0)) > 0)  # [ddp] only rank 0 shows bars
     for step in pbar:
-        x, y = data.get_batch(data.PRETRAIN_TASKS, args.batch_size, rng)
+        x, y = data.get_batch(data.PRETRAIN_TASKS, args.pretrain_batch_size, rng)
         _, loss = model(to_device(x, device), to_device(y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -533,8 +542,10 @@ def main(args):
             group["lr"] = lr
         x, y = data.get_batch(tasks, args.batch_size, rng)
         with autocast:
-            _, ce = model(to_device(x, device), to_device(y, device))
-            aux = moe_aux_loss(raw_model)  # mean load-balancing loss over the routing layers
+            x, y = to_device(x, device), to_device(y, device)
+            _, ce = model(x, y)
+            # mean load-balancing loss over the routing layers, on the real tokens (prompt and answer, no padding)
+            aux = moe_aux_loss(raw_model, mask=x != data.STOI[data.PAD])
         loss = ce + args.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -670,7 +681,9 @@ def parse_args(argv=None):
                    help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default q,k,v,o)")
     p.add_argument("--steps", type=number(int, 1), default=4000, help="fine-tuning steps (default 4000)")
     p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="base-model pretraining steps on copy and digit sums (default 2000)")
-    p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per batch (default 64)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per sensitivity and fine-tuning batch (default 64)")
+    p.add_argument("--pretrain-batch-size", type=number(int, 1), default=64,
+                   help="examples per base-model pretraining batch; part of the base's cache key (default 64)")
     p.add_argument("--lr", type=number(float, 0, inclusive=False), default=3e-3, help="peak fine-tuning learning rate, cosine-decayed (default 3e-3)")
     p.add_argument("--pretrain-lr", type=number(float, 0, inclusive=False), default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every this many steps, and at the end (default 1000)")
@@ -742,6 +755,10 @@ def parse_args(argv=None):
             p.error(f"{flag} {folder!r} cannot be created ({e.strerror}); give a writable folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             p.error(f"{flag} {folder!r} is not writable; give a writable folder")
+    for file in ("allocation.json", "results.json", "adapter.pt", "checkpoint.pt"):
+        if os.path.isdir(os.path.join(args.out, file)):
+            p.error(f"--out {args.out!r} holds a folder named {file}, where train.py writes that file; "
+                    "move it away or give another --out")
     return args
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  (its argument types and atomic file writing)
 from smoe import (adapter_state, allocate_experts, apply_lora_moe, candidate_names, compute_sensitivity,  # noqa: E402
-                  layer_index, load_adapter, moe_aux_loss)
+                  layers_in_order, load_adapter, moe_aux_loss)
 
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # attention and MLP of Llama, Qwen2, Mistral
 
@@ -171,13 +171,14 @@ def greedy(model, prompt, new_tokens, pad_id):
 
 
 def allocation_table(allocation, targets):
-    """The allocation as a layer x matrix table of expert counts, from names like model.layers.{i}.mlp.up_proj."""
-    rows = {}
-    for name, n in allocation.items():
-        rows.setdefault(layer_index(name), {})[name.rsplit(".", 1)[-1]] = n
-    columns = [t for t in targets if any(t in row for row in rows.values())]
-    lines = ["layer " + " ".join(f"{t:>9}" for t in columns)]
-    lines += [f"{i:>5} " + " ".join(f"{row.get(t, '-'):>9}" for t in columns) for i, row in sorted(rows.items())]
+    """The allocation as a layer x matrix table of expert counts, one row per layer in module order."""
+    layers = layers_in_order(allocation)  # {"model.layers.0": [its module names], ...}
+    columns = [t for t in targets if any(name.rsplit(".", 1)[-1] == t for name in allocation)]
+    width = max(map(len, layers))
+    lines = [f"{'layer':<{width}} " + " ".join(f"{t:>9}" for t in columns)]
+    for layer, names in layers.items():
+        row = {name.rsplit(".", 1)[-1]: allocation[name] for name in names}
+        lines.append(f"{layer:<{width}} " + " ".join(f"{row.get(t, '-'):>9}" for t in columns))
     return "\n".join(lines)
 
 
