@@ -6,18 +6,28 @@ Every example is one line: a task tag, the input, "=", the answer, ".".
     Rbdaf=fadb.     reverse   the letters in reverse order
     Sbdaf=abdf.     sort      the letters in alphabetical order
     Hbdaf=cebg.     shift     each letter to the next one in the alphabet (j wraps to a)
-    A27+48=075.     add       the sum of two numbers below 100, digits aligned
+    A27+48=570.     add       the sum of two numbers below 100, least significant digit first (075)
 
-The four tasks need different skills: attending by position (reverse), comparing
-content (sort), remapping each token (shift) and carrying digits (add). The loss
-covers only the answer (after "="); prompt and padding targets are -1.
+The principle, fixed before any allocation rule was compared: the toy is an instrument, so
+1. each task needs a different part of the network, so that where the experts go can matter:
+   reverse needs a new attention pattern (the position mirrored), sort compares content across
+   the line (attention by content), shift remaps every token on its own (a token mapping: value,
+   output or MLP matrices), and add needs arithmetic (a digit-sum table in the MLP, with the
+   digits brought together by attention and the carry passed on);
+2. every task is learned reliably at train.py's defaults, whatever the seed, so that a
+   difference between rules is not luck on one task (measured: README.md, "The toy");
+3. the base model knows what a pretrained language model would (the alphabet, the digits, the
+   line format, and adding a digit to a number) but none of the four tasks.
+The answer of add comes least significant digit first, as the carry flows: each answer digit then
+depends on the inputs and the carry of the digits before it, which a left-to-right decoder has
+already seen. Written most significant digit first, the first digit needs the whole sum at once
+and add was learned in some runs and not in others (experiments/README.md, the toy's history).
+The loss covers only the answer (after "="); prompt and padding targets are -1.
 
-Pretraining uses two other tasks: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and single-digit
-sums ("F7+8=15."). The base model learns the alphabet, the digits, the line format and the
-sums of two digits (as a pretrained language model knows arithmetic facts), but none of the
-four tasks: two-digit addition still needs the digits aligned and the carry passed on. Without
-the sums, a base pretrained on copy alone learned add in one run out of four: attention-only
-adapters over a frozen MLP can hardly make up an addition table (README.md, "The toy").
+Pretraining uses two other tasks: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums of a digit,
+or of a two-digit number, and a digit, also least significant digit first ("F7+8=51.",
+"F27+8=53."). So the base can add a digit and carry once, but has never added two two-digit
+numbers, reversed, sorted or shifted anything.
 
 Held-out evaluation: an input whose CRC-32 is divisible by 10 is held out from all
 training, pretraining included, whatever the task; evaluation draws only from those.
@@ -39,7 +49,7 @@ PRETRAIN_TASKS = ("copy", "sums")  # the base model's tasks
 PAD = "_"
 VOCAB = PAD + ".=+" + DIGITS + LETTERS + "".join(TAGS.values())
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
-MIN_LEN, MAX_LEN = 3, 6  # letters per input
+MIN_LEN, MAX_LEN = 3, 5  # letters per input: long enough that reverse and sort need attention, short enough for a CPU
 BLOCK_SIZE = 1 + 2 * MAX_LEN + 1  # tag + input + "=" + answer + "." minus the last token, for the longest line
 EVAL_MOD = 10  # one input in EVAL_MOD is held out
 
@@ -49,8 +59,8 @@ def is_heldout(inp):
 
 
 def random_input(task, rng):
-    if task == "sums":
-        return f"{rng.randrange(10)}+{rng.randrange(10)}"
+    if task == "sums":  # a digit plus a digit, or a two-digit number plus a digit
+        return f"{rng.randrange(10)}+{rng.randrange(10)}" if rng.random() < 0.5 else f"{rng.randrange(100):02d}+{rng.randrange(10)}"
     if task == "add" or (task == "copy" and rng.random() < 0.25):
         return f"{rng.randrange(100):02d}+{rng.randrange(100):02d}"  # fixed width keeps digits aligned
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
@@ -61,7 +71,7 @@ def answer(task, inp):
         return inp
     if task == "sums":
         a, b = inp.split("+")
-        return str(int(a) + int(b))
+        return str(int(a) + int(b))[::-1]  # least significant digit first, as add
     if task == "reverse":
         return inp[::-1]
     if task == "sort":
@@ -70,7 +80,7 @@ def answer(task, inp):
         return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in inp)
     if task == "add":
         a, b = inp.split("+")
-        return f"{int(a) + int(b):03d}"
+        return f"{int(a) + int(b):03d}"[::-1]  # least significant digit first: 27+48 = 075 -> "570"
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TAGS)}")
 
 
@@ -111,14 +121,16 @@ def eval_set(task, n, seed=0):
 def heldout_size(task):
     """How many distinct held-out inputs `task` has: the most examples eval_set can return.
     add has the fewest (its 10,000 inputs are counted at once); the letter tasks draw from the
-    1,111,000 strings of 3 to 6 letters (about a second to count); copy draws from both kinds;
-    sums has only 100 inputs."""
+    111,000 strings of 3 to 5 letters; copy draws from both kinds; sums from the 100 pairs of
+    digits and the 1,000 pairs of a two-digit number and a digit."""
     if task not in TAGS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TAGS)}")
     numbers = (f"{a:02d}+{b:02d}" for a in range(100) for b in range(100))
     words = ("".join(w) for n in range(MIN_LEN, MAX_LEN + 1) for w in itertools.product(LETTERS, repeat=n))
     if task == "sums":
-        return sum(is_heldout(f"{a}+{b}") for a in range(10) for b in range(10))
+        pairs = itertools.chain((f"{a}+{b}" for a in range(10) for b in range(10)),
+                                (f"{a:02d}+{b}" for a in range(100) for b in range(10)))
+        return sum(map(is_heldout, pairs))
     inputs = numbers if task == "add" else itertools.chain(numbers, words) if task == "copy" else words
     return sum(map(is_heldout, inputs))
 

@@ -651,7 +651,7 @@ def parse_args(argv=None):
     p = Parser(prog="train.py", description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning, evaluation.")
     p.add_argument("--budget", type=number(int, 1), default=None,
                    help="total experts to spend over the candidate matrices, 1..tasks x candidates for the vote rules "
-                        "(sensitivity, random); default 16, one per candidate with the default --targets; "
+                        "(sensitivity, random); default: the number of candidates (24 with the default --targets), plain LoRA's count; "
                         "with --allocation, the file's total")
     p.add_argument("--allocation", metavar="FILE", default=None,
                    help="a JSON file {module name: experts} (the format of allocation.json, zeros may be left out) "
@@ -677,9 +677,11 @@ def parse_args(argv=None):
                    help="sensitivity per matrix: sum of squared gradients (the paper) or mean per entry (fair across shapes)")
     p.add_argument("--tasks", default=",".join(data.TASKS),
                    help=f"comma-separated fine-tuning tasks, from {','.join(data.TASKS)} (default all)")
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
-                   help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default q,k,v,o)")
-    p.add_argument("--steps", type=number(int, 1), default=4000, help="fine-tuning steps (default 4000)")
+    p.add_argument("--targets", default=",".join(MATRICES),
+                   help=f"comma-separated candidate matrices in every layer, from {','.join(MATRICES)} (default all six: "
+                        "add needs the MLP, so the allocation must be able to choose it)")
+    p.add_argument("--steps", type=number(int, 1), default=3000,
+                   help="fine-tuning steps (default 3000: add is learned at 3000 on every seed measured, not at 1500)")
     p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="base-model pretraining steps on copy and digit sums (default 2000)")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per sensitivity and fine-tuning batch (default 64)")
     p.add_argument("--pretrain-batch-size", type=number(int, 1), default=64,
@@ -731,7 +733,7 @@ def parse_args(argv=None):
         args.allocation, args.budget = counts, sum(counts.values())
     budget_given = args.budget is not None
     if not budget_given:
-        args.budget = 16
+        args.budget = n_candidates  # plain LoRA's count: one expert per candidate on average
     if args.allocation is None and args.alloc in ("sensitivity", "random") and args.budget > n_tasks * n_candidates:
         p.error(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
                 f"{n_tasks} x {n_candidates}), got {args.budget}{'' if budget_given else ' (the default)'}")

@@ -23,11 +23,15 @@ the allocations they give, next to the overlap a random allocation would get by 
 
 Run (from the repository root):  python experiments/compare.py        (5 seeds; see README.md for time)
 Flags it does not know go to every train.py run, e.g. `python experiments/compare.py --rank 4`.
-Writes out/compare/compare.json and one folder per run.
+The runs go --jobs at a time (default one per core), each a `python train.py` process on one
+thread, its output in its folder's log.txt. Writes out/compare/compare.json and one folder per run.
 """
 
+import concurrent.futures
+import json
 import os
 import random
+import subprocess
 import sys
 import time
 
@@ -40,6 +44,7 @@ import data  # noqa: E402
 import train  # noqa: E402
 from smoe import GPTConfig, allocate_experts, candidate_names, compute_sensitivity  # noqa: E402
 
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 SENSITIVITY_OPTIONS = {"fisher": [], "batch": ["--sens-estimator", "batch"], "fisher/layer": ["--sens-norm", "layer"]}
 # two-sided 95 % quantiles of Student's t with df = 1..10 degrees of freedom (any statistics table)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -120,6 +125,8 @@ def main():
                    help="each task votes for this share of the candidates in the paper's regime (default 0.6)")
     p.add_argument("--many-batches", type=train.number(int, 1), default=32,
                    help="batches per task of the reference sensitivity in the stability check (default 32)")
+    p.add_argument("--jobs", type=train.number(int, 1), default=os.cpu_count() or 1,
+                   help=f"runs at a time, one thread each (default: the {os.cpu_count()} cores here)")
     p.add_argument("--device", default="auto", help="as in train.py")
     p.add_argument("--out", default=os.path.join("out", "compare"), help="output folder (default out/compare)")
     args, shared = p.parse_known_args()  # any other flag is passed on to every train.py run, e.g. --rank 4
@@ -147,10 +154,30 @@ def main():
         train.parse_args(argv)
 
     t_start = time.time()
+    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
+    train.pretrained_base(base_args, cfg, torch.device(base_args.device))  # pretrain and cache once; every run loads it
+    # one run per core, each on one thread: the runs are independent, and a model this small gains
+    # little from a second thread (its accuracy does not depend on how many run at once)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(item):
+        (label, seed), argv = item
+        folder = argv[argv.index("--out") + 1]
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "log.txt"), "w") as log:
+            rc = subprocess.run([sys.executable, TRAIN_PY, *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            raise RuntimeError(f"{label}, seed {seed} failed (exit {rc}); its output is in {folder}/log.txt")
+        with open(os.path.join(folder, "results.json")) as f:
+            return (label, seed), json.load(f)
+
+    tqdm.write(f"{len(settings)} runs, {args.jobs} at a time; each run's output goes to its folder's log.txt")
     results = {}
-    for i, ((label, seed), argv) in enumerate(settings.items()):
-        tqdm.write(f"\n=== run {i + 1} of {len(settings)}: {label}, seed {seed} ===")
-        results[label, seed] = train.main(train.parse_args(argv))
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for key, result in tqdm(pool.map(launch, settings.items()), total=len(settings), desc="runs", dynamic_ncols=True):
+            results[key] = result
+            tqdm.write(f"   {key[0]}, seed {key[1]}: " + " ".join(f"{t} {a:.2f}" for t, a in result["accuracy"].items())
+                       + f" mean {result['mean']:.3f}")
 
     tqdm.write("\n=== stability of the sensitivity signal ===")
     stable = stability(base_args, seeds, tasks, paper_budget, args.many_batches)
@@ -181,7 +208,7 @@ def main():
                      + " ".join(f"{ms(row['accuracy'][t]):>11}" for t in tasks)
                      + f" {ms(row['mean']):>11} {row['finetune_s']:>7.1f}s")
     lines.append(f"(held-out exact match, {base_args.eval_examples} per task, mean ± sd over seeds "
-                 f"{', '.join(map(str, seeds))}; {base_args.steps} fine-tuning steps; fine-tuning time per run)")
+                 f"{', '.join(map(str, seeds))}; {base_args.steps} fine-tuning steps; fine-tuning time per run, {args.jobs} runs at a time)")
     lines.append(f"\npaired per-seed difference in mean exact match, with its 95 % t interval ({args.seeds} seeds):")
     lines.append(f"{'rule':<27} {'vs plain LoRA':>26}  {'vs uniform LoRA-MoE x' + str(T):>26}")
     for row in rows[2:]:
