@@ -154,6 +154,7 @@ def main():
         train.parse_args(argv)
 
     t_start = time.time()
+    torch.set_num_threads(1)  # this process too (pretraining, stability check): --jobs processes share the cores
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
     train.pretrained_base(base_args, cfg, torch.device(base_args.device))  # pretrain and cache once; every run loads it
     # one run per core, each on one thread: the runs are independent, and a model this small gains
