@@ -1081,7 +1081,9 @@ def test_tasks_answer_correctly_and_heldout_inputs_never_train():
             assert not data.is_heldout(inp)
             if task in ("add", "sums"):
                 a, b = inp.split("+")
-                assert int(ans[:-1]) == int(a) + int(b) and len(ans[:-1]) == (3 if task == "add" else len(str(int(a) + int(b))))
+                total, digits = int(a) + int(b), ans[:-1]  # least significant digit first: digit i is (total // 10^i) % 10
+                assert all(int(d) == total // 10 ** i % 10 for i, d in enumerate(digits)), (prompt, ans)
+                assert len(digits) == (3 if task == "add" else len(str(total)))
             elif task == "reverse":
                 assert [ans[i] for i in range(len(inp))] == [inp[len(inp) - 1 - i] for i in range(len(inp))]
             elif task == "shift":
