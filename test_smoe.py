@@ -911,12 +911,24 @@ def test_killed_then_interrupted_run_resumes_to_the_same_results(reference, tmp_
     assert all(torch.equal(adapter[k], reference["adapter"][k]) for k in reference["adapter"])
 
 
-def start_train(out, *argv):
-    """train.py as a real process; its stdout and stderr go to files under out's parent, unbuffered."""
-    logs = [open(out.parent / f"{out.name}.{name}", "w+") for name in ("stdout", "stderr")]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--out", str(out)], cwd=HERE,
-                            stdout=logs[0], stderr=logs[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc, logs
+@pytest.fixture
+def start_train():
+    """Start train.py as a real process: start_train(out, *flags) -> (process, (stdout, stderr)), the
+    output in files next to `out`, unbuffered. SIGINT is reset to its default in the child, as in a
+    terminal, even when the tests run in a background job (which starts with SIGINT ignored). A process
+    still running at the end of the test is killed."""
+    procs = []
+    def start(out, *argv):
+        logs = [open(out.parent / f"{out.name}.{name}", "w+") for name in ("stdout", "stderr")]
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--out", str(out)], cwd=HERE,
+                                      stdout=logs[0], stderr=logs[1], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        return procs[-1], logs
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for_steps(proc, log, bar, steps=3, timeout=120):
@@ -932,7 +944,7 @@ def wait_for_steps(proc, log, bar, steps=3, timeout=120):
     raise AssertionError(f"no {bar} progress")
 
 
-def test_sigterm_mid_fine_tuning_saves_and_resumes_to_the_same_adapter(reference, tmp_path):
+def test_sigterm_mid_fine_tuning_saves_and_resumes_to_the_same_adapter(reference, tmp_path, start_train):
     # what `timeout`, Slurm and Kubernetes send, to a real process: one line, exit 128 + 15, a checkpoint
     # between two steps, and --resume ends with the adapter of an uninterrupted run, tensor for tensor
     longer = ["--budget", "7", "--steps", "150", "--eval-every", "150", "--checkpoint-every", "1000"]
@@ -955,7 +967,7 @@ def test_sigterm_mid_fine_tuning_saves_and_resumes_to_the_same_adapter(reference
     assert "load base" in uninterrupted["times_s"] and "pretrain" not in uninterrupted["times_s"]  # the base came from the cache
 
 
-def test_ctrl_c_in_pretraining_says_what_it_costs_and_caches_nothing(tmp_path):
+def test_ctrl_c_in_pretraining_says_what_it_costs_and_caches_nothing(tmp_path, start_train):
     out = tmp_path / "out"
     proc, (stdout, stderr) = start_train(out, *TINY, "--pretrain-steps", "100000")
     wait_for_steps(proc, stderr, "pretrain")
