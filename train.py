@@ -529,12 +529,14 @@ def main(args):
     if ddp and rank == 0:
         dist.barrier()  # [ddp] the cache is on disk: let the other ranks go on
     torch.manual_seed(args.seed)  # everything from here on (sampling, adapter initialisation) follows --seed
+    t0 = time.time()
     base_answers = model_answers(model, eval_sets, device)
     base_acc = exact_match(base_answers, eval_sets)
     base_own = evaluate(model, {t: data.eval_set(t, min(args.eval_examples, data.heldout_size(t)))
                                 for t in data.PRETRAIN_TASKS}, device)
     tqdm.write(f"   base model: {', '.join(f'{t} {a:.2f}' for t, a in base_own.items())} (its pretraining tasks); "
                + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
+    times["evaluate base"] = time.time() - t0
 
     # 2. sensitivity S_t(W) = sum over sampled batches of ||dL_t/dW||_F^2, per task and candidate matrix
     t0 = time.time()
