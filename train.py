@@ -11,16 +11,19 @@ LoRA-SMoE end to end on the toy tasks of data.py, every phase in plain sight:
 
 Run:  python train.py --budget 16        (python train.py --help for every flag)
       torchrun --nproc_per_node=N train.py --budget 16   (N processes, DistributedDataParallel)
+      python train.py --out out --evaluate  (reload a finished run, print its table again; or --prompt A12+34=)
 Writes to --out: allocation.json, results.json, adapter.pt, checkpoint.pt (every --checkpoint-every
-steps and at the end; `--resume` continues from it, Ctrl-C saves it), and the cached base model
-to --cache (default --out).
-A bad flag or file stops the run with one line `train.py: error: ...` and a non-zero exit.
+steps and at the end; `--resume` continues from it, Ctrl-C or SIGTERM saves it and exits 130 or 143),
+and the cached base model to --cache (default --out).
+A bad flag or file stops the run with one line `train.py: error: ...` and a non-zero exit, before
+anything is computed or created.
 
 References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
 [3] Switch Transformers, arXiv 2101.03961. Method notes: README.md.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +34,7 @@ import resource
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -52,28 +56,42 @@ ALLOC_RULES = ("sensitivity", "uniform", "mola", "alpha", "random")  # what --al
 
 
 @torch.no_grad()
-def evaluate(model, eval_sets, device):
-    """Exact match of greedy decoding per task: {task: fraction of answers right, "." included}."""
+def generate(model, prompts, n_new, device):
+    """Greedy decoding: each prompt continued by n_new tokens (fewer where the block ends), as strings."""
     was_training = model.training
     model.eval()
-    accuracy = {}
-    for task, pairs in eval_sets.items():
-        n = len(pairs)
-        buf = torch.full((n, data.BLOCK_SIZE + 1), data.STOI[data.PAD], dtype=torch.long, device=device)
-        pos = torch.tensor([len(p) for p, _ in pairs], device=device)  # next position to write, per example
-        for i, (prompt, _) in enumerate(pairs):
-            buf[i, :len(prompt)] = torch.tensor([data.STOI[c] for c in prompt])
-        rows = torch.arange(n, device=device)
-        for _ in range(max(len(a) for _, a in pairs)):
-            # right padding is harmless: causal attention never looks past a position
-            logits, _ = model(buf[:, :data.BLOCK_SIZE])              # (n, T, vocab)
-            buf[rows, pos] = logits[rows, pos - 1].argmax(dim=-1)    # greedy next token
-            pos = (pos + 1).clamp(max=data.BLOCK_SIZE)
-        out = buf.tolist()
-        correct = sum(data.decode(out[i][len(p):len(p) + len(a)]) == a for i, (p, a) in enumerate(pairs))
-        accuracy[task] = correct / n
+    n = len(prompts)
+    buf = torch.full((n, data.BLOCK_SIZE + 1), data.STOI[data.PAD], dtype=torch.long, device=device)
+    pos = torch.tensor([len(p) for p in prompts], device=device)  # next position to write, per prompt
+    for i, prompt in enumerate(prompts):
+        buf[i, :len(prompt)] = torch.tensor([data.STOI[c] for c in prompt])
+    rows = torch.arange(n, device=device)
+    for _ in range(n_new):
+        # right padding is harmless: causal attention never looks past a position
+        logits, _ = model(buf[:, :data.BLOCK_SIZE])              # (n, T, vocab)
+        buf[rows, pos] = logits[rows, pos - 1].argmax(dim=-1)    # greedy next token
+        pos = (pos + 1).clamp(max=data.BLOCK_SIZE)
     model.train(was_training)
-    return accuracy
+    out = buf.tolist()
+    return [data.decode(out[i][len(p):len(p) + n_new]) for i, p in enumerate(prompts)]
+
+
+def model_answers(model, eval_sets, device):
+    """The model's greedy answer to every held-out prompt, as long as the expected answer ("." included):
+    {task: [answer, ...]} in the order of eval_sets. One batch per task."""
+    return {task: [got[:len(a)] for got, (_, a) in zip(generate(model, [p for p, _ in pairs], max(len(a) for _, a in pairs),
+                                                                   device), pairs)]
+            for task, pairs in eval_sets.items()}
+
+
+def exact_match(answers, eval_sets):
+    """{task: fraction of answers equal to the expected ones}."""
+    return {task: sum(got == a for got, (_, a) in zip(answers[task], pairs)) / len(pairs) for task, pairs in eval_sets.items()}
+
+
+def evaluate(model, eval_sets, device):
+    """Exact match of greedy decoding per task: {task: fraction of answers right, "." included}."""
+    return exact_match(model_answers(model, eval_sets, device), eval_sets)
 
 
 @torch.no_grad()
@@ -140,6 +158,31 @@ def allocation_table(allocation, n_layer, targets):
     return "\n".join(lines)
 
 
+EXAMPLES = 3  # held-out examples per task shown after fine-tuning and kept in results.json
+
+
+def print_report(eval_sets, base_answers, tuned_answers):
+    """Phase 6's table, also printed by --evaluate: held-out exact match per task, base and tuned, then
+    the first EXAMPLES held-out examples of each task with both models' answers, marked right (ok) or
+    wrong (x). Returns (base accuracy, tuned accuracy, examples), the examples as results.json keeps them:
+    {task: [{"prompt": "A27+48=", "expected": "075.", "base": "074.", "tuned": "075."}, ...]}."""
+    base_acc, tuned_acc = exact_match(base_answers, eval_sets), exact_match(tuned_answers, eval_sets)
+    tqdm.write(f"6. held-out exact match ({len(next(iter(eval_sets.values())))} per task, greedy decoding):")
+    tqdm.write(f"   {'task':<8} {'base':>6} {'tuned':>6}")
+    for t in eval_sets:
+        tqdm.write(f"   {t:<8} {base_acc[t]:>6.2f} {tuned_acc[t]:>6.2f}")
+    tqdm.write(f"   {'mean':<8} {sum(base_acc.values()) / len(base_acc):>6.2f} {sum(tuned_acc.values()) / len(tuned_acc):>6.2f}")
+    examples = {t: [{"prompt": p, "expected": a, "base": base_answers[t][i], "tuned": tuned_answers[t][i]}
+                    for i, (p, a) in enumerate(pairs[:EXAMPLES])] for t, pairs in eval_sets.items()}
+    tqdm.write(f"   held-out examples, the first {EXAMPLES} per task (ok right, x wrong; the final '.' not shown):")
+    tqdm.write(f"   {'prompt':<9} {'expected':<8} {'base':<10} tuned")
+    for rows in examples.values():
+        for e in rows:
+            base, tuned = (f"{e[k].removesuffix('.'):<7} {'ok' if e[k] == e['expected'] else 'x':<2}" for k in ("base", "tuned"))
+            tqdm.write(f"   {e['prompt']:<9} {e['expected'].removesuffix('.'):<8} {base} {tuned}".rstrip())
+    return base_acc, tuned_acc, examples
+
+
 def write_atomic(path, write):
     """write(tmp_path), then rename over `path`: a crash or Ctrl-C never leaves a half-written file,
     and the previous version of `path` stays intact until the new one is complete. The temporary
@@ -185,10 +228,54 @@ def fail(message):
     """Stop with one line saying what is wrong: exit status 1, no traceback."""
     sys.exit(f"train.py: error: {message}")
 
+
+# Signals: Ctrl-C (SIGINT) and SIGTERM (what `timeout`, Slurm preemption and Kubernetes send) stop a
+# run alike. In the training loops the first one is a request, honoured between steps; a second one,
+# and any outside the loops, stops at once. The exit status is the shell's 128 + signal number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class Interrupted(Exception):
+    """A signal stopped the run at once; str() is the line to print, exit status 128 + signum."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests(enabled=True, second=lambda: "no file was left half-written"):
+    """Inside the block SIGINT and SIGTERM only append their number to the list it yields, which a
+    training loop reads between steps; a second one raises Interrupted at once, its message ending
+    in second(). A signal ignored when the process started stays ignored: a background job of a
+    script starts with SIGINT ignored, so Ctrl-C in the terminal does not reach it (SIGTERM does).
+    enabled=False ([ddp], or outside the main thread) leaves the handlers alone. Puts them back on leaving."""
+    stop = []
+    def request(signum, frame):
+        if stop:
+            raise Interrupted(signum, f"stopped at once by a second {signal_name(signum)}; {second()}")
+        stop.append(signum)
+    enabled = enabled and threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in previous.items():
+        if enabled and handler is not signal.SIG_IGN:
+            signal.signal(s, request)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            if enabled and handler is not signal.SIG_IGN:
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
 # -----------------------------------------------------------------------------
 # Files train.py reads back: every one loaded safely and checked, never trusted blindly
 
-RESUME_FREE = ("resume", "out", "cache", "device", "checkpoint_every")  # settings a resumed run may change
+# settings a resumed run may change (nothing that changes the numbers)
+RESUME_FREE = ("resume", "out", "cache", "device", "checkpoint_every", "allow_large", "evaluate", "prompt")
 CHECKPOINT_KEYS = {"step", "config", "allocation", "adapter", "optimizer", "history", "curve", "rng"}
 
 
@@ -269,6 +356,19 @@ def read_checkpoint(path, config):
     return ckpt
 
 
+def unfinished_checkpoint(path):
+    """Whether `path` holds a checkpoint that --resume could still continue: False when there is none
+    or it is a finished run's (its step is its --steps; adapter.pt and results.json hold its outcome),
+    True otherwise, an unreadable file included (a new run replacing it deserves a note)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        ckpt = read_torch(path)
+        return ckpt["step"] < ckpt["config"]["steps"]
+    except (ValueError, TypeError, KeyError):
+        return True
+
+
 def note_nonfinite(bad_step, step, loss, params):
     """Record in bad_step (2,) the first step (counted from 1) whose loss, gradient norm over
     `params` is not finite. Stays on the device: no wait for it at every step."""
@@ -334,35 +434,105 @@ def base_cache(args, cfg):
     return os.path.join(args.cache, f"base-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"), key
 
 
-def pretrained_base(args, cfg, device):
+def pretrained_base(args, cfg, device, times=None):
     """Phase 1: the base model pretrained on copy and digit sums, loaded from the cache when it holds exactly
-    this base (load_base checks it), pretrained and cached otherwise."""
+    this base (load_base checks it), pretrained and cached otherwise. Records the seconds it took in
+    times["load base"] or times["pretrain"]. Ctrl-C or SIGTERM stops pretraining after the step in
+    flight with one line and exit status 130 or 143; nothing is cached, the next run pretrains afresh."""
+    t0 = time.time()
     cache, key = base_cache(args, cfg)
     torch.manual_seed(args.base_seed)
     model = GPT(cfg).to(device)
     reason = load_base(model, cache, key)
     if not reason:
         tqdm.write(f"1. loaded the pretrained base model from {cache}")
+        if times is not None:
+            times["load base"] = time.time() - t0
         return model
     tqdm.write(f"1. pretraining the base model on {' and '.join(data.PRETRAIN_TASKS)} ({args.pretrain_steps} steps, "
                f"cache {cache}: {reason})")
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
-    pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True,
-                disable=int(os.environ.get("RANK", 0)) > 0)  # [ddp] only rank 0 shows bars
-    for step in pbar:
-        x, y = data.get_batch(data.PRETRAIN_TASKS, args.pretrain_batch_size, rng)
-        _, loss = model(to_device(x, device), to_device(y, device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        bad_step = note_nonfinite(bad_step, step, loss, model.parameters())
-        optimizer.step()
-        if step % 25 == 0 or step == args.pretrain_steps - 1:
-            stop_if_nonfinite(bad_step, "pretraining", ", nothing was cached")
-            pbar.set_postfix(loss=f"{loss.item():.3f}")
+    with stop_requests("RANK" not in os.environ, lambda: "nothing was cached") as stop:
+        pbar = tqdm(range(args.pretrain_steps), desc="pretrain", dynamic_ncols=True,
+                    disable=int(os.environ.get("RANK", 0)) > 0)  # [ddp] only rank 0 shows bars
+        for step in pbar:
+            if stop:  # pretraining is short: stopping costs it, and says what it costs
+                pbar.close()
+                took = time.time() - t0
+                print(f"train.py: pretraining stopped by {signal_name(stop[0])} after step {step} of {args.pretrain_steps}; "
+                      f"nothing was cached, the next run pretrains from step 0 again"
+                      + (f" (about {took / step * args.pretrain_steps:.0f} s)" if step else ""), file=sys.stderr)
+                sys.exit(128 + stop[0])
+            x, y = data.get_batch(data.PRETRAIN_TASKS, args.pretrain_batch_size, rng)
+            _, loss = model(to_device(x, device), to_device(y, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            bad_step = note_nonfinite(bad_step, step, loss, model.parameters())
+            optimizer.step()
+            if step % 25 == 0 or step == args.pretrain_steps - 1:
+                stop_if_nonfinite(bad_step, "pretraining", ", nothing was cached")
+                pbar.set_postfix(loss=f"{loss.item():.3f}")
+    os.makedirs(args.cache, exist_ok=True)
     write_atomic(cache, lambda p: torch.save({"key": key, "model": model.state_dict()}, p))
+    if times is not None:
+        times["pretrain"] = time.time() - t0
     return model
+
+
+# -----------------------------------------------------------------------------
+# A finished run, loaded back without training: python train.py --out out --evaluate (or --prompt A12+34=)
+
+
+def load_trained(out_dir, device="cpu", adapter=True):
+    """The fine-tuned model a finished run left in `out_dir`: its pretrained base from the cache (found
+    from the run's settings in results.json, checked by load_base) with adapter.pt loaded on it
+    (load_adapter_file), in eval mode on `device`; adapter=False gives the base alone.
+    Returns (model, results), results being the run's results.json. A missing or unfitting file
+    raises ValueError saying which. From Python:
+
+        model, results = load_trained("out")
+        generate(model, ["A12+34="], 4, "cpu")  # ['046.'] once the run has learned add
+    """
+    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "adapter.pt")}
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"{missing[0]} is missing; a finished run writes it (a stopped one: finish it with --resume)")
+    cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
+    try:
+        with open(paths["results.json"], encoding="utf-8") as f:
+            results = json.load(f)
+        cache, key = base_cache(argparse.Namespace(**results["config"]), cfg)  # the run's own settings
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{paths['results.json']} is not the results of a train.py run ({type(e).__name__}: {e})") from None
+    if not os.path.exists(cache):  # the run's cache folder, or out_dir (the default cache) moved elsewhere
+        cache = os.path.join(out_dir, os.path.basename(cache))
+    model = GPT(cfg)
+    reason = load_base(model, cache, key)
+    if reason:
+        raise ValueError(f"the run's pretrained base {cache} cannot be used: {reason}")
+    if adapter:
+        load_adapter_file(model, paths["adapter.pt"])
+    return model.to(device).eval(), results
+
+
+def inspect_run(args):
+    """--prompt and --evaluate: the run in --out answers without training. --evaluate prints phase 6's
+    table for its held-out sets again, re-evaluated, and returns what print_report does."""
+    device = torch.device(args.device)
+    try:
+        model, results = load_trained(args.out, device)
+        base = load_trained(args.out, device, adapter=False)[0] if args.evaluate else None
+    except ValueError as e:
+        fail(f"--out {args.out}: {e}")
+    for prompt in args.prompt or []:
+        head, dot, _ = generate(model, [prompt], data.BLOCK_SIZE + 1 - len(prompt), device)[0].partition(".")
+        print(prompt + head + dot)  # greedy decoding up to the first "."
+    if args.evaluate:
+        config = results["config"]
+        eval_sets = {t: data.eval_set(t, config["eval_examples"]) for t in config["tasks"]}
+        return print_report(eval_sets, model_answers(base, eval_sets, device), model_answers(model, eval_sets, device))
 
 
 def main(args):
@@ -393,23 +563,25 @@ def main(args):
         fail(f"--resume: {e}")
     tqdm.write(f"device {device}, tasks {', '.join(tasks)}, budget {args.budget}, "
                f"allocation {'from --allocation' if args.allocation else args.alloc}, seed {args.seed}")
-    if not args.resume and os.path.exists(ckpt_path):
-        tqdm.write(f"   note: this run will replace {ckpt_path}; stop now and add --resume to continue that run instead")
+    if not args.resume and unfinished_checkpoint(ckpt_path):
+        tqdm.write(f"   note: this run will replace {ckpt_path}, which holds an unfinished run; "
+                   "stop now and add --resume to continue that run instead")
 
     # 1. pretrain the base model on copy and digit sums, or load it from the cache keyed by its settings
-    t0 = time.time()
     if ddp and rank > 0:
         dist.barrier()  # [ddp] wait until rank 0 has pretrained the base model and cached it, then load it
-    model = pretrained_base(args, cfg, device)
+    model = pretrained_base(args, cfg, device, times)
     if ddp and rank == 0:
         dist.barrier()  # [ddp] the cache is on disk: let the other ranks go on
     torch.manual_seed(args.seed)  # everything from here on (sampling, adapter initialisation) follows --seed
-    base_acc = evaluate(model, eval_sets, device)
+    t0 = time.time()
+    base_answers = model_answers(model, eval_sets, device)
+    base_acc = exact_match(base_answers, eval_sets)
     base_own = evaluate(model, {t: data.eval_set(t, min(args.eval_examples, data.heldout_size(t)))
                                 for t in data.PRETRAIN_TASKS}, device)
     tqdm.write(f"   base model: {', '.join(f'{t} {a:.2f}' for t, a in base_own.items())} (its pretraining tasks); "
                + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
-    times["pretrain"] = time.time() - t0
+    times["evaluate base"] = time.time() - t0
 
     # 2. sensitivity S_t(W) = sum over sampled examples x of ||d l(x)/dW||_F^2, per task and candidate matrix
     t0 = time.time()
@@ -462,9 +634,12 @@ def main(args):
                f"{len(candidates)} candidate matrices (experts per matrix):")
     tqdm.write(allocation_table(allocation, cfg.n_layer, args.targets))
     nonzero = {name: n for name, n in allocation.items() if n > 0}
-    if args.top_k is not None and args.top_k > max(nonzero.values()):  # the default top-2 is clamped per matrix instead
+    # parse_args refused every --top-k above what the rule can give; only the vote and alpha rules,
+    # whose counts depend on the base, can still fall short here (the default top-2 is clamped per matrix)
+    if args.top_k is not None and args.top_k > max(nonzero.values()):
         fail(f"--top-k {args.top_k} is more than the largest expert count in the allocation ({max(nonzero.values())}); "
              f"use --top-k {max(nonzero.values())} or less, a larger --budget, or leave --top-k out")
+    os.makedirs(args.out, exist_ok=True)  # the first file in --out; a refused run creates nothing there
     write_json(os.path.join(args.out, "allocation.json"), nonzero)
 
     # 4. wrap the allocated matrices in LoRA-MoE layers; everything else is frozen
@@ -515,68 +690,60 @@ def main(args):
                          "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
         write_atomic(ckpt_path, lambda p: torch.save(state, p))
 
-    # Ctrl-C only raises a flag: the step in flight finishes, so the checkpoint is taken between steps
-    stop = []
-    def on_ctrl_c(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-    previous_handler = signal.getsignal(signal.SIGINT)
-    if previous_handler is not signal.SIG_IGN and not ddp:  # a process started with Ctrl-C ignored keeps ignoring it;
-        # [ddp] under torchrun Ctrl-C stops every process at once and the last periodic checkpoint stays
-        signal.signal(signal.SIGINT, on_ctrl_c)
+    # Ctrl-C or SIGTERM only raises a flag: the step in flight finishes, so the checkpoint is taken between
+    # steps; a second one stops at once. [ddp] under torchrun they stop every process at once and the last
+    # periodic checkpoint stays
     log_every = max(1, args.steps // 100)  # about 100 points of loss curve; .item() waits for the device
     bad_step = torch.zeros(2, dtype=torch.long, device=device)  # first step with a non-finite loss, gradient
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="fine-tune", dynamic_ncols=True,
-                disable=rank > 0)
-    for step in pbar:
-        if stop:
-            stop_if_nonfinite(bad_step, "fine-tuning", kept)
-            save_checkpoint(step)
-            pbar.close()
-            signal.signal(signal.SIGINT, previous_handler)
-            print(f"train.py: stopped by Ctrl-C after fine-tuning step {step} of {args.steps}; saved {ckpt_path}, "
-                  "continue with the same flags plus --resume", file=sys.stderr)
-            sys.exit(130)
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine decay to 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = data.get_batch(tasks, args.batch_size, rng)
-        with autocast:
-            x, y = to_device(x, device), to_device(y, device)
-            _, ce = model(x, y)
-            # mean load-balancing loss over the routing layers, on the real tokens (prompt and answer, no padding)
-            aux = moe_aux_loss(raw_model, mask=x != data.STOI[data.PAD])
-        loss = ce + args.aux_coef * aux
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        bad_step = note_nonfinite(bad_step, step, loss, trainable)
-        optimizer.step()
-        if step % log_every == 0 or step == args.steps - 1:
-            stop_if_nonfinite(bad_step, "fine-tuning", kept)
-            curve.append({"step": step + 1, "ce": ce.item(), "aux": aux.item()})
-            pbar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-            acc = evaluate(model, eval_sets, device)
-            history.append({"step": step + 1, "ce": ce.item(), "aux": aux.item(), "accuracy": acc})
-            tqdm.write(f"   step {step + 1}: ce {ce.item():.3f} aux {aux.item():.3f} exact match "
-                       + " ".join(f"{t} {a:.2f}" for t, a in acc.items()) + f" mean {sum(acc.values()) / len(acc):.3f}")
-        if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
-            stop_if_nonfinite(bad_step, "fine-tuning", kept)  # never replace a good checkpoint with a broken one
-            save_checkpoint(step + 1)
-            kept = f", the last good checkpoint (after step {step + 1}) is kept in {ckpt_path}"
-    signal.signal(signal.SIGINT, previous_handler)  # (a run stopped by an error exits the process instead)
+    tuned_answers = None  # the model's answers at the last evaluation
+    with stop_requests(not ddp, lambda: f"fine-tuning stopped{kept}") as stop:
+        pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="fine-tune", dynamic_ncols=True,
+                    disable=rank > 0)
+        for step in pbar:
+            if stop:
+                stop_if_nonfinite(bad_step, "fine-tuning", kept)
+                save_checkpoint(step)
+                pbar.close()
+                print(f"train.py: stopped by {signal_name(stop[0])} after fine-tuning step {step} of {args.steps}; "
+                      f"saved {ckpt_path}, continue with the same flags plus --resume", file=sys.stderr)
+                sys.exit(128 + stop[0])
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine decay to 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.get_batch(tasks, args.batch_size, rng)
+            with autocast:
+                x, y = to_device(x, device), to_device(y, device)
+                _, ce = model(x, y)
+                # mean load-balancing loss over the routing layers, on the real tokens (prompt and answer, no padding)
+                aux = moe_aux_loss(raw_model, mask=x != data.STOI[data.PAD])
+            loss = ce + args.aux_coef * aux
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            bad_step = note_nonfinite(bad_step, step, loss, trainable)
+            optimizer.step()
+            if step % log_every == 0 or step == args.steps - 1:
+                stop_if_nonfinite(bad_step, "fine-tuning", kept)
+                curve.append({"step": step + 1, "ce": ce.item(), "aux": aux.item()})
+                pbar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
+            if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+                tuned_answers = model_answers(model, eval_sets, device)
+                acc = exact_match(tuned_answers, eval_sets)
+                history.append({"step": step + 1, "ce": ce.item(), "aux": aux.item(), "accuracy": acc})
+                tqdm.write(f"   step {step + 1}: ce {ce.item():.3f} aux {aux.item():.3f} exact match "
+                           + " ".join(f"{t} {a:.2f}" for t, a in acc.items()) + f" mean {sum(acc.values()) / len(acc):.3f}")
+            if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+                stop_if_nonfinite(bad_step, "fine-tuning", kept)  # never replace a good checkpoint with a broken one
+                save_checkpoint(step + 1)
+                kept = f", the last good checkpoint (after step {step + 1}) is kept in {ckpt_path}"
     times["finetune"] = time.time() - t0
     model = raw_model  # [ddp] unwrap for reporting and saving
 
     # 6. report and save
-    final_acc = history[-1]["accuracy"]
+    if tuned_answers is None:  # resumed from the checkpoint of a finished run: no step ran here
+        tuned_answers = model_answers(model, eval_sets, device)
     routing = routing_stats(model, eval_sets, device)
-    tqdm.write(f"6. held-out exact match ({args.eval_examples} per task, greedy decoding):")
-    tqdm.write(f"   {'task':<8} {'base':>6} {'tuned':>6}")
-    for t in tasks:
-        tqdm.write(f"   {t:<8} {base_acc[t]:>6.2f} {final_acc[t]:>6.2f}")
+    base_acc, final_acc, examples = print_report(eval_sets, base_answers, tuned_answers)
     base_mean, final_mean = sum(base_acc.values()) / len(tasks), sum(final_acc.values()) / len(tasks)
-    tqdm.write(f"   {'mean':<8} {base_mean:>6.2f} {final_mean:>6.2f}")
     if routing:
         tqdm.write("   routing (share of tokens per expert, normalised entropy):")
         for name, s in routing.items():
@@ -584,10 +751,10 @@ def main(args):
     memory = peak_memory_mb(device)
     tqdm.write("   time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
                + f"; peak memory {memory:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    results = {"config": vars(args), "allocation": allocation, "parameters": {"total": n_total, "trainable": n_trainable,
+    results = {"config": vars(args), "allocation": nonzero, "parameters": {"total": n_total, "trainable": n_trainable,
                "plain_lora_all_candidates": n_lora}, "sensitivity": sensitivity, "base_accuracy": base_acc,
-               "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "history": history, "curve": curve,
-               "routing": routing, "times_s": times, "peak_memory_mb": memory, "world_size": world_size}
+               "base_mean": base_mean, "accuracy": final_acc, "mean": final_mean, "examples": examples, "history": history,
+               "curve": curve, "routing": routing, "times_s": times, "peak_memory_mb": memory, "world_size": world_size}
     write_json(os.path.join(args.out, "results.json"), results)
     adapter = {**adapter_state(model), "model_config": dataclasses.asdict(cfg)}  # LoRA, routers, allocation, settings
     write_atomic(os.path.join(args.out, "adapter.pt"), lambda p: torch.save(adapter, p))
@@ -703,7 +870,31 @@ def parse_args(argv=None):
                    help="save out/checkpoint.pt every this many fine-tuning steps, and at the end (default 500)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out; every setting that changes the numbers must match it")
+    p.add_argument("--allow-large", action="store_true",
+                   help="allow adapters with more trainable parameters than the base model has (refused by default: "
+                        "a typo in --budget or --rank would otherwise build a giant)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="train nothing: load the finished run in --out (base and adapter.pt) and print its held-out "
+                        "table again, re-evaluated (with --device, --prompt)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="train nothing: answer TEXT, e.g. 'A12+34=', with the finished run in --out (greedy "
+                        "decoding; may be given several times)")
     args = p.parse_args(argv)
+
+    if args.evaluate or args.prompt:  # inspect a finished run: only --out and --device apply
+        given = [a.option_strings[0] for a in p._actions
+                 if a.dest not in ("help", "out", "device", "evaluate", "prompt") and getattr(args, a.dest) != a.default]
+        if given:
+            p.error(f"--evaluate and --prompt use the settings of the run in --out; {given[0]} does not apply to them")
+        for prompt in args.prompt or []:
+            if not 1 <= len(prompt) < data.BLOCK_SIZE or any(c not in data.VOCAB[1:] for c in prompt):
+                p.error(f"--prompt {prompt!r}: give 1 to {data.BLOCK_SIZE - 1} characters from {data.VOCAB[1:]}, "
+                        "e.g. 'A12+34=' or 'Rabc=' (tags: " + ", ".join(f"{v} {k}" for k, v in data.TAGS.items()) + ")")
+        args.dtype = "fp32"
+        check_device(p, args)
+        if not os.path.isdir(args.out):
+            p.error(f"--out {args.out!r} is not a folder; give the --out of a finished run")
+        return args
 
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in args.targets if t not in MATRICES]
@@ -720,9 +911,10 @@ def parse_args(argv=None):
             p.error(f"--eval-examples {args.eval_examples} is more than the {data.heldout_size(short)} held-out "
                     f"inputs of task {short}; use at most that many")
     n_tasks, n_candidates = len(args.tasks), GPTConfig.n_layer * len(args.targets)
+    with torch.device("meta"):  # only names and shapes are needed: no memory, no random numbers
+        shapes = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    candidates = candidate_names(shapes, args.targets)
     if args.allocation is not None:  # read and check the file now; main() uses the checked counts
-        with torch.device("meta"):  # only the module names are needed: no memory, no random numbers
-            candidates = candidate_names(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), args.targets)
         try:
             counts = read_allocation(args.allocation, candidates)
         except ValueError as e:
@@ -742,21 +934,50 @@ def parse_args(argv=None):
             allocate_uniform(range(n_candidates), args.budget)
         except ValueError as e:
             p.error(f"--budget: {e}")
+    # what can be known of the allocation before the base exists: the counts themselves (a file, uniform,
+    # mola) or a bound on the largest (votes: one expert per task; alpha: the budget)
+    rule = "the allocation" if args.allocation else f"the {args.alloc} allocation"
+    def trainable(n, m):  # an adapter of n experts on matrix m: n LoRA pairs (B A), and a router when n > 1
+        return n * (args.rank * (m.in_features + m.out_features) + (m.in_features if n > 1 else 0))
+    known = args.allocation or args.alloc in ("uniform", "mola")
+    if known:
+        counts = args.allocation or (allocate_uniform(candidates, args.budget) if args.alloc == "uniform"
+                                     else allocate_mola(candidates, args.budget))
+        largest, why = max(counts.values()), ""
+        n_adapter = sum(trainable(n, shapes.get_submodule(name)) for name, n in counts.items())
+    else:
+        largest, why = ((n_tasks, ", one per task at most") if args.alloc in ("sensitivity", "random") and n_tasks < args.budget
+                        else (args.budget, ", the budget"))
+        n_adapter = args.budget * max(trainable(2, shapes.get_submodule(name)) // 2 for name in candidates)  # at most
+    if args.top_k is not None and args.top_k > largest:  # the default top-2 is clamped per matrix instead
+        p.error(f"--top-k {args.top_k} is more than the largest expert count {rule} can give ({largest}{why}); "
+                f"use --top-k {largest} or less, a larger --budget, or leave --top-k out")
+    # the cap: no more trainable parameters than the base model has
+    n_base = sum(p.numel() for p in shapes.parameters())
+    if n_adapter > n_base and not args.allow_large:
+        p.error(f"--budget {args.budget} at --rank {args.rank} would train {'' if known else 'up to '}{n_adapter:,} "
+                f"parameters, more than the base model's {n_base:,}; use a smaller --budget or --rank, "
+                "or add --allow-large to train it anyway")
     if args.resume and "RANK" in os.environ:
         p.error("--resume continues single-process runs only; run it without torchrun")
     device = check_device(p, args)
     if device.type == "mps" and "RANK" in os.environ:
         p.error("--device mps cannot run under torchrun (its gloo and nccl backends need cpu or cuda)")
     args.cache = args.cache or args.out
-    for flag, folder in (("--out", args.out), ("--cache", args.cache)):
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):  # checked here, created when first written
         if os.path.exists(folder) and not os.path.isdir(folder):
             p.error(f"{flag} {folder!r} is a file; give a folder to write into")
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            p.error(f"{flag} {folder!r} cannot be created ({e.strerror}); give a writable folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            p.error(f"{flag} {folder!r} is not writable; give a writable folder")
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            p.error(f"{flag} {folder!r} cannot be created ({existing} is a file); give a writable folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            p.error(f"{flag} {folder!r} {'is not writable' if existing == os.path.abspath(folder) else 'cannot be created'}"
+                    f" ({existing} is not writable); give a writable folder")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        p.error(f"--resume: there is no checkpoint {os.path.join(args.out, 'checkpoint.pt')} to resume from; "
+                "run without --resume to start afresh")
     for file in ("allocation.json", "results.json", "adapter.pt", "checkpoint.pt"):
         if os.path.isdir(os.path.join(args.out, file)):
             p.error(f"--out {args.out!r} holds a folder named {file}, where train.py writes that file; "
@@ -765,7 +986,17 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    def stop_now(signum, frame):  # outside the training loops, which stop between steps themselves
+        raise Interrupted(signum, f"stopped by {signal_name(signum)}; no file was left half-written")
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):  # an ignored signal stays ignored
+            signal.signal(s, stop_now)
     try:
-        main(parse_args())
-    except KeyboardInterrupt:  # outside fine-tuning, which saves a checkpoint itself; files are written atomically
-        sys.exit("train.py: interrupted by Ctrl-C outside fine-tuning; no file was left half-written")
+        args = parse_args()
+        if args.evaluate or args.prompt:
+            inspect_run(args)
+        else:
+            main(args)
+    except Interrupted as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
