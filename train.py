@@ -924,12 +924,11 @@ def parse_args(argv=None):
             p.error(f"--allocation {args.allocation} spends {sum(counts.values())} experts but --budget is {args.budget}; "
                     f"make them agree, or leave --budget out to spend the file's {sum(counts.values())}")
         args.allocation, args.budget = counts, sum(counts.values())
-    budget_given = args.budget is not None
-    if not budget_given:
-        args.budget = n_candidates  # plain LoRA's count: one expert per candidate on average
+    if args.budget is None:
+        args.budget = n_candidates  # plain LoRA's count: one expert per candidate on average; always valid
     if args.allocation is None and args.alloc in ("sensitivity", "random") and args.budget > n_tasks * n_candidates:
         p.error(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
-                f"{n_tasks} x {n_candidates}), got {args.budget}{'' if budget_given else ' (the default)'}")
+                f"{n_tasks} x {n_candidates}), got {args.budget}")
     if args.allocation is None and args.alloc == "uniform":
         try:
             allocate_uniform(range(n_candidates), args.budget)
