@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data
 from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_moe, candidate_names,
                   compute_sensitivity, moe_aux_loss)
-from train import allocation_table, check_device, number, to_device
+from train import allocation_table, check_device, example_losses, number, to_device
 
 # train.py's defaults, the setting the step and sensitivity measurements describe
 RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 3e-3, 64, 4, 4000
@@ -202,7 +202,7 @@ def train_step(model, optimizer, batch, ctx):
     x, y = batch
     with ctx:
         _, ce = model(x, y)
-        aux = moe_aux_loss(model)
+        aux = moe_aux_loss(model, mask=x != data.STOI[data.PAD])  # the real tokens, as train.py
     loss = ce + AUX_COEF * aux
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -264,7 +264,7 @@ def sensitivity_allocation(cfg, device, seed):
     def phase():
         rng = random.Random(f"sensitivity-{seed}")
         task_batches = {t: [data.get_batch([t], BATCH_SIZE, rng) for _ in range(SENS_BATCHES)] for t in data.TASKS}
-        loss_fn = lambda model, batch: model(batch[0].to(device), batch[1].to(device))[1]
+        loss_fn = lambda model, batch: example_losses(model, batch, device)  # per-example, as train.py
         return compute_sensitivity(model, task_batches, loss_fn, names)
     return names, phase
 
