@@ -684,6 +684,15 @@ def test_spearman_of_the_comparison_matches_the_textbook_formula():
     assert overlap({"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 1, "c": 1}) == 2 / 3
 
 
+def test_compare_py_errors_name_compare_py_and_refuse_what_it_sets(tmp_path):
+    for argv, message in ((["--seeds", "0"], "compare.py: error: argument --seeds: expected a whole number >= 1, got '0'"),
+                          (["--budget", "8"], "compare.py: error: --budget is set by compare.py for each run; leave it out")):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "compare.py"), *argv, "--out",
+                               str(tmp_path / "c")], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.strip() == message, proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_paired_interval_worked_by_hand_and_the_rule_for_better():
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     from compare import paired_interval, verdict
