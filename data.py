@@ -15,7 +15,7 @@ The principle, fixed before any allocation rule was compared: the toy is an inst
    output or MLP matrices), and add needs arithmetic (a digit-sum table in the MLP, with the
    digits brought together by attention and the carry passed on);
 2. every task is learned reliably at train.py's defaults, whatever the seed, so that a
-   difference between rules is not luck on one task (measured: README.md, "The toy");
+   difference between rules is not luck on one task (measured: experiments/README.md, "The toy");
 3. the base model knows what a pretrained language model would (the alphabet, the digits, the
    line format, and adding a digit to a number) but none of the four tasks.
 The answer of add comes least significant digit first, as the carry flows: each answer digit then
@@ -50,7 +50,8 @@ PAD = "_"
 VOCAB = PAD + ".=+" + DIGITS + LETTERS + "".join(TAGS.values())
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
 MIN_LEN, MAX_LEN = 3, 5  # letters per input: long enough that reverse and sort need attention, short enough for a CPU
-BLOCK_SIZE = 1 + 2 * MAX_LEN + 1  # tag + input + "=" + answer + "." minus the last token, for the longest line
+BLOCK_SIZE = 1 + 2 * max(MAX_LEN, 5) + 1  # tag + input + "=" + answer + "." minus the last token, for the
+# longest line: MAX_LEN letters, or copy's five-character "27+08"
 EVAL_MOD = 10  # one input in EVAL_MOD is held out
 
 

@@ -318,6 +318,7 @@ def candidate_names(model, targets):
                          f"are {', '.join(linears[:6])}{', ...' if len(linears) > 6 else ''}")
     return [n for n in linears if any(n in names for names in matches.values())]
 
+
 def layer_name(name):
     """The layer a module belongs to: its name up to and including the last all-digit part.
     "layers.3.attn.q_proj" -> "layers.3"; in a stack nested in a container, "0.layers.1.linear2"
@@ -351,20 +352,24 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
     estimator:
       "fisher" (default; the paper's quantity, which the released code sums at batch size 1):
           S = sum over examples x of ||d l(x)/dW||_F^2, the trace of the diagonal empirical Fisher.
-      "batch": S = sum over batches b of ||d L(b)/dW||_F^2 with L(b) the batch-mean loss. Since
+      "batch": S = sum over batches b of ||d L(b)/dW||_F^2 with L(b) the mean of the batch's
+          per-example losses (or loss_fn's scalar, if it returns one). Since
           ||mean_x g(x)||^2 ~ ||E g||^2 + tr Cov(g) / |b|, it rewards gradients that agree across
           examples: a different quantity, which can rank matrices differently.
     reduction: "sum" (the paper's score) or "mean" (divided by the weight's number of entries, so
       that matrices of different shapes compete fairly).
-    Returns {task: {module_name: score}}, in float32 and without gradient clipping (the released
-    code squares fp16 gradients after clipping them to norm 1: METHOD.md 2.1).
+    Returns {task: {module_name: score}}, without gradient clipping, the per-example gradients formed
+    and squared in float32 (the released code squares fp16 gradients after clipping them to norm 1:
+    METHOD.md 2.1). The backward pass itself runs in the model's dtype: on a bf16 model the
+    gradients at each output are bf16 before they are upcast.
 
     How the per-example gradients come out of one backward pass: the batch's examples do not
     interact in the forward pass (true of transformers; not of batch norm), so the gradient of
     sum_x l(x) at a linear layer's output, restricted to example x's tokens, is d l(x)/dy. For
     y = x W^T the gradient of W is then G_x = sum over x's tokens of (dl/dy)^T x_in: one
-    (B, out, in) einsum per matrix. A forward hook keeps each candidate's input and output; one
-    backward per example gives the same numbers 10-50x slower (test_smoe.py checks they agree).
+    (B, out, in) einsum per matrix, one matrix at a time. A forward hook keeps each candidate's
+    input and output. One backward pass per example gives the same numbers with B times the
+    passes (test_smoe.py checks that they agree).
     A candidate the loss never uses scores 0, with a warning naming it. Nothing is updated, and
     the model's weights, requires_grad flags, .grad fields and train/eval mode are left as found.
     A score that is not finite (NaN or inf) raises ValueError naming the task and matrix.
@@ -406,22 +411,24 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
                     raise ValueError(f"loss_fn must return one loss per example, shape (B,), got shape {tuple(losses.shape)}"
                                      + (" (a scalar batch loss works only with estimator='batch')" if losses.dim() == 0 else ""))
                 total = losses.sum() if estimator == "fisher" else losses.mean()
-                calls = [(name, x, y) for name, pairs in seen.items() for x, y in pairs]
-                grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
-                per_example = {}  # name -> (B, out, in) gradient of each example's loss (of the batch loss: B = 1)
-                for (name, x, y), g in zip(calls, grads):
-                    if g is None:
-                        continue  # this call does not reach the loss
-                    B = losses.shape[0] if estimator == "fisher" else 1
-                    if estimator == "fisher" and (x.dim() < 2 or x.shape[0] != B):
-                        raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
-                                         f"batch's {B} examples first; per-example gradients need the batch dimension first")
-                    g, x = g.float().reshape(B, -1, g.shape[-1]), x.float().reshape(B, -1, x.shape[-1])
-                    G = torch.einsum("bto,bti->boi", g, x)                    # (B, out, in) per-example dl/dW
-                    per_example[name] = per_example.get(name, 0) + G          # a module called twice adds up
-                for name, G in per_example.items():
-                    acc[name] += G.pow(2).sum()                               # sum over examples of ||G_x||_F^2
-                    unused.discard(name)
+                outputs = [y for pairs in seen.values() for _, y in pairs]
+                grads = iter(torch.autograd.grad(total, outputs, allow_unused=True))  # dL/dy of every call, in order
+                B = losses.shape[0] if estimator == "fisher" else 1  # "batch": the whole batch as one example
+                for name, pairs in seen.items():  # one matrix at a time: at most one (B, out, in) tensor held
+                    G = None                      # (B, out, in) gradient of each example's loss
+                    for x, _ in pairs:
+                        g = next(grads)                                         # (B, ..., out) or None
+                        if g is None:
+                            continue  # this call does not reach the loss
+                        if estimator == "fisher" and (x.dim() < 2 or x.shape[0] != B):
+                            raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
+                                             f"batch's {B} examples first; per-example gradients need the batch dimension first")
+                        g, x = g.float().reshape(B, -1, g.shape[-1]), x.float().reshape(B, -1, x.shape[-1])
+                        Gx = torch.einsum("bto,bti->boi", g, x)                 # (B, out, in) this call's share
+                        G = Gx if G is None else G + Gx                         # a matrix used twice: gradients add
+                    if G is not None:
+                        acc[name] += G.pow(2).sum()                             # sum over examples of ||G_x||_F^2
+                        unused.discard(name)
             scores[task] = {name: (acc[name] / (m.weight.numel() if reduction == "mean" else 1)).item()
                             for name, m in modules.items()}
             bad = [name for name, s in scores[task].items() if not math.isfinite(s)]

@@ -419,6 +419,27 @@ def test_a_candidate_the_loss_never_uses_scores_zero_with_a_warning():
     assert scores["dropped"] == 0.0 and scores["never"] == 0.0 and scores["used"] > 0
 
 
+class Twice(nn.Module):
+    """One matrix used twice in a forward pass, as tied or shared weights are."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.proj(x)))
+
+
+def test_a_matrix_used_twice_adds_its_gradients_before_squaring():
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(6, 3, 4)  # (B, T, C)
+    loss_fn = lambda model, batch: model(batch).pow(2).sum(dim=(1, 2))  # (B,)
+    actual = compute_sensitivity(model, {"t": [x]}, loss_fn, ["proj"])["t"]["proj"]
+    expected = sum(torch.autograd.grad(loss_fn(model, x[i:i + 1]).sum(), model.proj.weight)[0].double().pow(2).sum().item()
+                   for i in range(len(x)))  # one example at a time, plain autograd
+    assert math.isclose(actual, expected, rel_tol=1e-5), (actual, expected)
+
+
 def test_per_layer_normalisation_worked_example():
     scores = {"t": {"layers.0.q": 6.0, "layers.0.k": 2.0, "layers.1.q": 1.0, "layers.1.k": 3.0}}
     assert normalise_per_layer(scores) == {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}
@@ -1162,6 +1183,17 @@ def test_train_py_bad_input_prints_no_traceback_and_writes_nothing(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "--budget must be from 1 to 64" in proc.stderr
     assert not out.exists()
+
+
+def test_score_and_allocation_tables_worked_by_hand():
+    # one layer, q 100, k 10, v 1, o 1e-4: shares 90 %, 9 %, 1 %, 0 %; q is the largest (█), k is 10x
+    # below it (▓: within 100x), v 100x below (▒: within 1000x), o a million times below (blank)
+    scores = {"t": {"layers.0.attn.q_proj": 100.0, "layers.0.attn.k_proj": 10.0, "layers.0.attn.v_proj": 1.0,
+                    "layers.0.attn.o_proj": 1e-4}}
+    lines = train.score_table(scores, 1, list(TARGETS)).splitlines()
+    assert lines[2] == "    0 █90 ▓ 9 ▒ 1   0"
+    allocation = {"layers.0.attn.q_proj": 3, "layers.0.attn.k_proj": 0, "layers.0.attn.v_proj": 1, "layers.0.attn.o_proj": 0}
+    assert train.allocation_table(allocation, 1, list(TARGETS)).splitlines()[1] == "    0  3 ███  0      1 █    0    "
 
 
 def test_train_py_end_to_end_with_tiny_settings(tmp_path):

@@ -25,6 +25,7 @@ References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
 import argparse
 import contextlib
 import dataclasses
+from functools import partial
 import hashlib
 import json
 import math
@@ -116,7 +117,9 @@ def routing_stats(model, eval_sets, device):
 
 def example_losses(model, batch, device):
     """(B,) each line's mean cross-entropy over its answer tokens: the per-example loss l(x)
-    whose gradients the sensitivity squares. (The training loss averages over all answer tokens.)"""
+    whose gradients the sensitivity squares. (The training loss averages over all answer tokens.)
+    data.encode's targets are already shifted (y[t] is the token after x[t]); a Hugging Face
+    model's labels are not (experiments/hf_model.py shifts them)."""
     x, y = (t.to(device) for t in batch)
     logits, _ = model(x)                                                                  # (B, T, vocab)
     ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T), 0 off the answer
@@ -127,34 +130,36 @@ SHADES = " ░▒▓█"  # within 1, 2, 3, 4 decades of the task's largest scor
 
 
 def score_table(sensitivity, n_layer, targets):
-    """Each task's scores as a layer x matrix table, tasks side by side: a shade for log10 of the
-    score relative to the task's largest, and the score's share of the task's total in percent.
-    Reading across a row shows where in a layer a task's gradient lands; reading down, by depth."""
-    short = {t: t.removesuffix("_proj") for t in targets}
+    """Each task's scores as a layer x matrix table, tasks side by side: a shade for how far the score
+    is below the task's largest (SHADES) and its share of the task's total in percent. Reading
+    across a row shows where in a layer a task's gradient lands; reading down, by depth. Names look
+    like layers.{i}.attn.q_proj, as in allocation_table."""
+    cells = {}  # task -> {name: "█37"}
+    for task, scores in sensitivity.items():
+        top, total = max(scores.values()), sum(scores.values())
+        cells[task] = {}
+        for name, s in scores.items():
+            level = 4 + math.ceil(math.log10(s / top)) if s > 0 else 0  # 4: within 10x of the top, 3: within 100x, ...
+            cells[task][name] = f"{SHADES[max(0, level)]}{min(99, round(100 * s / total)) if total > 0 else 0:>2}"
     width = 4 * len(targets)
-    head = "layer " + " | ".join(f"{t:<{width - 1}}"[:width - 1] for t in sensitivity)
-    cols = "      " + " | ".join(" ".join(f"{short[t]:>3}" for t in targets) for _ in sensitivity)
-    lines = [head, cols]
+    lines = ["layer " + " | ".join(f"{task:<{width - 1}}"[:width - 1] for task in sensitivity),
+             "      " + " | ".join(" ".join(f"{t.removesuffix('_proj'):>3}" for t in targets) for _ in sensitivity)]
     for i in range(n_layer):
-        cells = []
-        for scores in sensitivity.values():
-            top, total = max(scores.values()), sum(scores.values())
-            row = []
-            for t in targets:
-                s = scores[f"layers.{i}.{'mlp' if t in ('up_proj', 'down_proj') else 'attn'}.{t}"]
-                level = 0 if s <= 0 or top <= 0 else max(0, 4 + math.ceil(math.log10(s / top)))
-                row.append(f"{SHADES[level]}{min(99, round(100 * s / total)) if total > 0 else 0:>2}")
-            cells.append(" ".join(row))
-        lines.append(f"{i:>5} " + " | ".join(cells))
+        rows = [{name.rsplit(".", 1)[-1]: cell for name, cell in task_cells.items() if name.startswith(f"layers.{i}.")}
+                for task_cells in cells.values()]
+        lines.append(f"{i:>5} " + " | ".join(" ".join(row[t] for t in targets) for row in rows))
     return "\n".join(lines)
 
 
 def allocation_table(allocation, n_layer, targets):
-    """The allocation as a small layer x matrix table of expert counts; names look like layers.{i}.attn.q_proj."""
-    lines = ["layer " + " ".join(f"{t:>7}" for t in targets)]
+    """The allocation as a small layer x matrix table: each matrix's expert count and as many
+    blocks (at most 8), so that where the budget went reads at a glance. Names look like
+    layers.{i}.attn.q_proj."""
+    width = 3 + min(8, max(allocation.values()))  # "NN " and the bar
+    lines = ["layer " + " ".join(f"{t:<{width}}" for t in targets)]
     for i in range(n_layer):
         row = {name.rsplit(".", 1)[-1]: n for name, n in allocation.items() if name.startswith(f"layers.{i}.")}
-        lines.append(f"{i:>5} " + " ".join(f"{row[t]:>7}" for t in targets))
+        lines.append(f"{i:>5} " + " ".join(f"{row.get(t, 0):>2} {'█' * min(8, row.get(t, 0)):<{width - 3}}" for t in targets))
     return "\n".join(lines)
 
 
@@ -165,7 +170,7 @@ def print_report(eval_sets, base_answers, tuned_answers):
     """Phase 6's table, also printed by --evaluate: held-out exact match per task, base and tuned, then
     the first EXAMPLES held-out examples of each task with both models' answers, marked right (ok) or
     wrong (x). Returns (base accuracy, tuned accuracy, examples), the examples as results.json keeps them:
-    {task: [{"prompt": "A27+48=", "expected": "075.", "base": "074.", "tuned": "075."}, ...]}."""
+    {task: [{"prompt": "A27+48=", "expected": "570.", "base": "470.", "tuned": "570."}, ...]}."""
     base_acc, tuned_acc = exact_match(base_answers, eval_sets), exact_match(tuned_answers, eval_sets)
     tqdm.write(f"6. held-out exact match ({len(next(iter(eval_sets.values())))} per task, greedy decoding):")
     tqdm.write(f"   {'task':<8} {'base':>6} {'tuned':>6}")
@@ -493,7 +498,7 @@ def load_trained(out_dir, device="cpu", adapter=True):
     raises ValueError saying which. From Python:
 
         model, results = load_trained("out")
-        generate(model, ["A12+34="], 4, "cpu")  # ['046.'] once the run has learned add
+        generate(model, ["A12+34="], 4, "cpu")  # ['640.'] once the run has learned add (46, units first)
     """
     paths = {name: os.path.join(out_dir, name) for name in ("results.json", "adapter.pt")}
     missing = [path for path in paths.values() if not os.path.isfile(path)]
@@ -593,9 +598,8 @@ def main(args):
     sensitivity = {}
     for t in tqdm(tasks, desc="sensitivity", dynamic_ncols=True, disable=rank > 0):
         batches = [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)]
-        loss_fn = lambda model, batch: example_losses(model, batch, device)
         try:
-            sensitivity[t] = compute_sensitivity(model, {t: batches}, loss_fn, candidates, args.sens_estimator,
+            sensitivity[t] = compute_sensitivity(model, {t: batches}, partial(example_losses, device=device), candidates, args.sens_estimator,
                                                  args.sens_reduction)[t]
         except ValueError as e:  # a score that is not finite
             fail(str(e))
@@ -607,7 +611,7 @@ def main(args):
         sensitivity = normalise_per_layer(sensitivity)
     times["sensitivity"] = time.time() - t0
     if args.allocation is None and args.alloc in ("sensitivity", "random"):  # the votes: what each task would spend where
-        tqdm.write("   each task's scores as shares of its total (shade: log10 of the score, darkest = the task's largest):")
+        tqdm.write("   each task's scores, % of its total; shade = how far below the task's largest: █ <10x ▓ <100x ▒ <1000x ░ <10^4x")
         tqdm.write(score_table(sensitivity, cfg.n_layer, args.targets))
 
     # 3. allocate the budget: LoRA-SMoE's per-task votes, a peer's rule (--alloc), or the --allocation

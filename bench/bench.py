@@ -23,6 +23,7 @@ transformers, MixtralSparseMoeBlock (the per-expert gather / index_add loop).
 """
 
 import argparse
+from functools import partial
 import json
 import math
 import os
@@ -264,8 +265,7 @@ def sensitivity_allocation(cfg, device, seed):
     def phase():
         rng = random.Random(f"sensitivity-{seed}")
         task_batches = {t: [data.get_batch([t], BATCH_SIZE, rng) for _ in range(SENS_BATCHES)] for t in data.TASKS}
-        loss_fn = lambda model, batch: example_losses(model, batch, device)  # per-example, as train.py
-        return compute_sensitivity(model, task_batches, loss_fn, names)
+        return compute_sensitivity(model, task_batches, partial(example_losses, device=device), names)  # as train.py
     return names, phase
 
 

@@ -29,6 +29,7 @@ thread, its output in its folder's log.txt. Writes out/compare/compare.json and 
 
 import concurrent.futures
 import json
+from functools import partial
 import os
 import random
 import subprocess
@@ -46,8 +47,11 @@ from smoe import GPTConfig, allocate_experts, candidate_names, compute_sensitivi
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 SENSITIVITY_OPTIONS = {"fisher": [], "batch": ["--sens-estimator", "batch"], "fisher/layer": ["--sens-norm", "layer"]}
-# two-sided 95 % quantiles of Student's t with df = 1..10 degrees of freedom (any statistics table)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# two-sided 95 % quantiles of Student's t with df = 1..30 degrees of freedom (any statistics table)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
 
 
 def paired_interval(a, b):
@@ -57,7 +61,7 @@ def paired_interval(a, b):
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         return float(d.mean()), None
-    t = T_975.get(len(d) - 1, 1.96 + 2.4 / (len(d) - 1))  # beyond the table: within 0.005 of the exact quantile
+    t = T_975.get(len(d) - 1, 1.96 + 2.4 / (len(d) - 1))  # beyond the table (df > 30): within 0.003 of the exact quantile
     return float(d.mean()), float(t * d.std(ddof=1) / np.sqrt(len(d)))
 
 
@@ -91,11 +95,11 @@ def stability(base_args, seeds, tasks, budget, many_batches):
     cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
     model = train.pretrained_base(base_args, cfg, device)
     candidates = candidate_names(model, base_args.targets)
-    loss_fn = lambda model, batch: train.example_losses(model, batch, device)
 
     def scores(n_batches, rng):
         batches = {t: [data.get_batch([t], base_args.batch_size, rng) for _ in range(n_batches)] for t in tasks}
-        return compute_sensitivity(model, batches, loss_fn, candidates, base_args.sens_estimator)
+        return compute_sensitivity(model, batches, partial(train.example_losses, device=device), candidates,
+                                   base_args.sens_estimator, base_args.sens_reduction)
 
     many = scores(many_batches, random.Random("stability-many"))
     many_alloc = allocate_experts(many, budget)
@@ -130,7 +134,8 @@ def main():
     p.add_argument("--device", default="auto", help="as in train.py")
     p.add_argument("--out", default=os.path.join("out", "compare"), help="output folder (default out/compare)")
     args, shared = p.parse_known_args()  # any other flag is passed on to every train.py run, e.g. --rank 4
-    for flag in ("--alloc", "--budget", "--allocation", "--seed", "--sens-estimator", "--sens-norm"):
+    for flag in ("--alloc", "--budget", "--allocation", "--seed", "--sens-estimator", "--sens-norm", "--evaluate",
+                 "--prompt", "--resume"):
         if any(a == flag or a.startswith(flag + "=") for a in shared):
             p.error(f"{flag} is set by compare.py for each run; leave it out")
     base_args = train.parse_args(["--out", args.out, "--device", args.device, *shared])  # what every run shares

@@ -145,8 +145,9 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
     history = []
     bar = tqdm(range(steps), desc="fine-tuning")
     for step in bar:
-        lm = lm_loss(model, mixture[step % len(mixture)])
-        aux = moe_aux_loss(model)
+        batch = mixture[step % len(mixture)]
+        lm = lm_loss(model, batch)
+        aux = moe_aux_loss(model, mask=batch["attention_mask"].bool())  # the real tokens, never padding
         loss = lm + aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,13 +243,8 @@ def load_model(name, dtype, device):
     return model.to(device).eval(), tokenizer
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.exit(f"hf_model.py: error: {message}")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser(prog="hf_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     number = train.number
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M",
                    help="Hugging Face hub name or local folder of a causal LM (default HuggingFaceTB/SmolLM2-135M, "
