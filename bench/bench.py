@@ -116,7 +116,10 @@ def naive_lora_moe(layer, x):
     y = layer.base(xs)                                              # (N, out)
     logits = layer.router(xs)                                       # (N, E)
     top_logits, top_idx = logits.topk(layer.top_k, dim=-1)          # (N, k)
-    gates = F.softmax(top_logits, dim=-1)                           # (N, k)
+    if layer.top_k == 1:  # the layer's top-1 gate: the full-softmax probability (Switch)
+        gates = F.softmax(logits, dim=-1).gather(-1, top_idx)       # (N, 1)
+    else:
+        gates = F.softmax(top_logits, dim=-1)                       # (N, k)
     delta = torch.zeros_like(y)                                     # (N, out)
     for i in range(layer.num_experts):
         token, slot = torch.where(top_idx == i)                     # (n_i,) tokens routed to expert i; a host sync on CUDA
