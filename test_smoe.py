@@ -1520,6 +1520,26 @@ def test_a_second_ctrl_c_in_fine_tuning_stops_at_once_and_says_what_was_kept(ref
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+def test_a_signal_in_the_last_fine_tuning_step_still_stops_the_run(reference, tmp_path, monkeypatch, capsys):
+    out = with_base(reference, tmp_path)
+    real_aux, calls = train.moe_aux_loss, []
+    def sigterm_in_the_last_step(model, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:  # TINY runs 20 steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_aux(model, **kwargs)
+    monkeypatch.setattr(train, "moe_aux_loss", sigterm_in_the_last_step)
+    with pytest.raises(SystemExit) as e:
+        run_main(out)
+    assert e.value.code == 128 + signal.SIGTERM and len(calls) == 20
+    assert capsys.readouterr().err.strip().endswith(
+        f"train.py: stopped by SIGTERM after the last fine-tuning step; saved {out / 'checkpoint.pt'}, "
+        "add --resume to the same flags to write the results")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 20 and not (out / "results.json").exists()
+    results = run_main(out, "--resume")  # the finished checkpoint: no step runs, the results are written
+    assert (out / "results.json").exists() and len(results["history"]) == 4
+
+
 def test_only_an_unfinished_checkpoint_is_worth_a_note(reference, tmp_path):
     finished = torch.load(reference["out"] / "checkpoint.pt", weights_only=True)
     assert finished["step"] == finished["config"]["steps"] == 20

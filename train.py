@@ -481,6 +481,10 @@ def pretrained_base(args, cfg, device, times=None):
                 pbar.set_postfix(loss=f"{loss.item():.3f}")
     os.makedirs(args.cache, exist_ok=True)
     write_atomic(cache, lambda p: torch.save({"key": key, "model": model.state_dict()}, p))
+    if stop:  # asked during the last step: the base is complete and cached; stop all the same, as asked
+        print(f"train.py: stopped by {signal_name(stop[0])} after the last pretraining step; the base is cached "
+              f"in {cache}", file=sys.stderr)
+        sys.exit(128 + stop[0])
     if times is not None:
         times["pretrain"] = time.time() - t0
     return model
@@ -739,6 +743,10 @@ def main(args):
                 stop_if_nonfinite(bad_step, "fine-tuning", kept)  # never replace a good checkpoint with a broken one
                 save_checkpoint(step + 1)
                 kept = f", the last good checkpoint (after step {step + 1}) is kept in {ckpt_path}"
+        if stop:  # asked during the last step, whose checkpoint is saved: stop all the same, as asked
+            print(f"train.py: stopped by {signal_name(stop[0])} after the last fine-tuning step; saved {ckpt_path}, "
+                  "add --resume to the same flags to write the results", file=sys.stderr)
+            sys.exit(128 + stop[0])
     times["finetune"] = time.time() - t0
     model = raw_model  # [ddp] unwrap for reporting and saving
 
