@@ -702,6 +702,8 @@ def test_spearman_of_the_comparison_matches_the_textbook_formula():
     d2 = sum((x - y) ** 2 for x, y in zip(rank(a), rank(b)))
     assert math.isclose(spearman(a, b), 1 - 6 * d2 / (12 * (12 ** 2 - 1)))  # rho = 1 - 6 sum d^2 / (n (n^2 - 1))
     assert math.isclose(spearman([1, 2, 2, 3], [1, 2, 2, 3]), 1.0)
+    # ties share their average rank: ranks (1, 2.5, 2.5, 4) against (1, 3, 2, 4) give r = 4.5 / sqrt(4.5 * 5)
+    assert math.isclose(spearman([1, 2, 2, 3], [1, 3, 2, 4]), 3 / math.sqrt(10))
     assert overlap({"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 1, "c": 1}) == 2 / 3
 
 
@@ -724,6 +726,7 @@ def test_paired_interval_worked_by_hand_and_the_rule_for_better():
     assert verdict(*paired_interval([0.9, 0.85, 0.8], [0.8, 0.8, 0.7])) == "better"
     assert verdict(*paired_interval([0.8, 0.8, 0.7], [0.9, 0.85, 0.8])) == "worse"
     assert paired_interval([0.9], [0.8])[1] is None and verdict(0.1, None) == "one seed: no interval"
+    assert verdict(0.25, 0.25) == verdict(-0.25, 0.25) == "no difference detected"  # an edge at 0 holds 0
 
 # -----------------------------------------------------------------------------
 # Applying an allocation, and training
@@ -1012,6 +1015,15 @@ def check_recipe(hf, model, tokenizer, args):
     for b in everything:  # labels are the input ids, -100 exactly where the batch is padded
         assert torch.equal(b["labels"], torch.where(b["attention_mask"].bool(), b["input_ids"], -100))
 
+    # each text's own loss, as the sensitivity sees it, equals Hugging Face's loss on that text alone
+    b = everything[0]
+    per_text = hf.example_losses(model, b)                                   # (B,)
+    for i in range(len(per_text)):
+        ids = b["input_ids"][i:i + 1, :int(b["attention_mask"][i].sum())]   # (1, its length): no padding
+        with torch.no_grad():
+            alone = model(input_ids=ids, labels=ids).loss
+        assert math.isclose(per_text[i].item(), alone.item(), rel_tol=1e-5), (i, per_text[i].item(), alone.item())
+
     names, sensitivity, allocation = hf.allocate(model, batches, args.targets, args.budget, args.sens_batches)
     assert len(names) == 2 * 7 and sum(allocation.values()) == args.budget and set(sensitivity) == set(hf.DEMO_TASKS)
     apply_lora_moe(model, allocation, r=args.rank, lora_alpha=args.alpha, top_k=args.top_k)
@@ -1192,6 +1204,9 @@ def test_score_and_allocation_tables_worked_by_hand():
                     "layers.0.attn.o_proj": 1e-4}}
     lines = train.score_table(scores, 1, list(TARGETS)).splitlines()
     assert lines[2] == "    0 █90 ▓ 9 ▒ 1   0"
+    # two layers of four matrices at 50: each is 12.5 % of the task's total (rounded to 12), 25 % of its layer's
+    two = {"t": {f"layers.{i}.attn.{m}": 50.0 for i in range(2) for m in TARGETS}}
+    assert train.score_table(two, 2, list(TARGETS)).splitlines()[2:] == ["    0 █12 █12 █12 █12", "    1 █12 █12 █12 █12"]
     allocation = {"layers.0.attn.q_proj": 3, "layers.0.attn.k_proj": 0, "layers.0.attn.v_proj": 1, "layers.0.attn.o_proj": 0}
     assert train.allocation_table(allocation, 1, list(TARGETS)).splitlines()[1] == "    0  3 ███  0      1 █    0    "
 
