@@ -25,7 +25,6 @@ References: [1] LoRA-SMoE, arXiv 2505.06272; [2] LoRA, arXiv 2106.09685;
 import argparse
 import contextlib
 import dataclasses
-from functools import partial
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist

@@ -23,7 +23,6 @@ transformers, MixtralSparseMoeBlock (the per-expert gather / index_add loop).
 """
 
 import argparse
-from functools import partial
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 
 import torch
 import torch.nn as nn

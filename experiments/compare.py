@@ -29,12 +29,12 @@ thread, its output in its folder's log.txt. Writes out/compare/compare.json and 
 
 import concurrent.futures
 import json
-from functools import partial
 import os
 import random
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
