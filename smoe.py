@@ -458,9 +458,11 @@ def normalise_per_layer(sensitivity):
     -> {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}."""
     shares = {}
     for task, scores in sensitivity.items():
-        totals = {layer: sum(scores[m] for m in names) for layer, names in layers_in_order(scores).items()}
-        shares[task] = {name: s / totals[layer_name(name)] if totals[layer_name(name)] > 0 else 0.0
-                        for name, s in scores.items()}
+        shares[task] = {}
+        for names in layers_in_order(scores).values():
+            total = sum(scores[m] for m in names)
+            for m in names:
+                shares[task][m] = scores[m] / total if total > 0 else 0.0
     return shares
 
 # -----------------------------------------------------------------------------

@@ -80,9 +80,11 @@ def generate(model, prompts, n_new, device):
 def model_answers(model, eval_sets, device):
     """The model's greedy answer to every held-out prompt, as long as the expected answer ("." included):
     {task: [answer, ...]} in the order of eval_sets. One batch per task."""
-    return {task: [got[:len(a)] for got, (_, a) in zip(generate(model, [p for p, _ in pairs], max(len(a) for _, a in pairs),
-                                                                   device), pairs)]
-            for task, pairs in eval_sets.items()}
+    answers = {}
+    for task, pairs in eval_sets.items():
+        got = generate(model, [p for p, _ in pairs], max(len(a) for _, a in pairs), device)
+        answers[task] = [g[:len(a)] for g, (_, a) in zip(got, pairs)]
+    return answers
 
 
 def exact_match(answers, eval_sets):

@@ -134,10 +134,12 @@ def main():
     p.add_argument("--device", default="auto", help="as in train.py")
     p.add_argument("--out", default=os.path.join("out", "compare"), help="output folder (default out/compare)")
     args, shared = p.parse_known_args()  # any other flag is passed on to every train.py run, e.g. --rank 4
-    for flag in ("--alloc", "--budget", "--allocation", "--seed", "--sens-estimator", "--sens-norm", "--evaluate",
-                 "--prompt", "--resume"):
+    for flag in ("--alloc", "--budget", "--allocation", "--seed", "--sens-estimator", "--sens-norm"):
         if any(a == flag or a.startswith(flag + "=") for a in shared):
             p.error(f"{flag} is set by compare.py for each run; leave it out")
+    for flag in ("--evaluate", "--prompt", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in shared):
+            p.error(f"{flag} works on one finished train.py run, not on a comparison; leave it out")
     base_args = train.parse_args(["--out", args.out, "--device", args.device, *shared])  # what every run shares
     tasks, seeds = base_args.tasks, range(args.seeds)
     T, M = len(tasks), GPTConfig.n_layer * len(base_args.targets)
