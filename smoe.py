@@ -32,9 +32,13 @@ References:
   [4] Jiang et al. Mixtral of Experts. arXiv 2401.04088.
   [5] Gao et al. Higher Layers Need More LoRA Experts (MoLA). arXiv 2402.08562.
   [6] Qing et al. AlphaLoRA: Assigning LoRA Experts Based on Layer Training Quality. arXiv 2410.10054.
+  [7] Goodfellow. Efficient Per-Example Gradient Computations. arXiv 1510.01799, 2015.
+  [8] Li, Tramer, Liang, Hashimoto. Large Language Models Can Be Strong Differentially Private
+      Learners. arXiv 2110.05679, 2021 (ghost clipping: per-example norms without per-example gradients).
 """
 
 import fnmatch
+import functools
 import hashlib
 import math
 import random
@@ -342,6 +346,27 @@ def layers_in_order(module_names):
 # Sensitivity: S_t(W_m) = sum over sampled examples x of task t of ||d l(x)/dW_m||_F^2   ([1] sec. 3.1)
 
 
+def per_example_sq_norms(g, x, gram=None):
+    """(B,) ||G_b||_F^2 of each example's weight gradient G_b = sum over its tokens t of g_bt x_bt^T,
+    from g (B, T, out), the loss's gradient at the output, and x (B, T, in), the input, of y = x W^T.
+
+    Two ways, equal up to rounding:
+      outer: form G (B, out, in) by one einsum and square it: B*T*out*in multiply-adds, B*out*in floats.
+      Gram:  ||G_b||^2 = sum over t, t' of (g_bt . g_bt') (x_bt . x_bt'), two (B, T, T) Gram matrices
+             (Goodfellow 2015 [7]; the "ghost norm" of [8]): B*T*T*(out + in) multiply-adds.
+    gram=None picks the cheaper by that count: the Gram way when T * (out + in) < out * in, which on a
+    real model (T of tens to hundreds, out and in of hundreds to thousands) is nearly always.
+    Example by hand, one example, two tokens: g = [[1, 0], [0, 1]], x = [[1, 2], [3, 4]] gives
+    G = [[1, 2], [3, 4]] and 1 + 4 + 9 + 16 = 30; the Gram way: g g^T = I, so 1*(x1.x1) + 1*(x2.x2) = 5 + 25.
+    """
+    T, out, inp = g.shape[1], g.shape[2], x.shape[2]
+    if gram is None:
+        gram = T * (out + inp) < out * inp
+    if gram:
+        return ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum(dim=(1, 2))   # (B, T, T) * (B, T, T) -> (B,)
+    return torch.einsum("bto,bti->boi", g, x).pow(2).sum(dim=(1, 2))                  # (B, out, in) -> (B,)
+
+
 def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="fisher", reduction="sum"):
     """Per-task sensitivity of each candidate base weight (an nn.Linear's weight W, y = x W^T + b).
 
@@ -358,18 +383,22 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
           examples: a different quantity, which can rank matrices differently.
     reduction: "sum" (the paper's score) or "mean" (divided by the weight's number of entries, so
       that matrices of different shapes compete fairly).
-    Returns {task: {module_name: score}}, without gradient clipping, the per-example gradients formed
-    and squared in float32 (the released code squares fp16 gradients after clipping them to norm 1:
-    METHOD.md 2.1). The backward pass itself runs in the model's dtype: on a bf16 model the
-    gradients at each output are bf16 before they are upcast.
+    Returns {task: {module_name: score}}, from unclipped gradients squared in float32 (the released
+    code squares fp16 gradients after clipping each layer's gradient to norm 1). The backward pass
+    itself runs in the model's dtype: on a bf16 model the gradients at each output are bf16.
 
-    How the per-example gradients come out of one backward pass: the batch's examples do not
-    interact in the forward pass (true of transformers; not of batch norm), so the gradient of
-    sum_x l(x) at a linear layer's output, restricted to example x's tokens, is d l(x)/dy. For
-    y = x W^T the gradient of W is then G_x = sum over x's tokens of (dl/dy)^T x_in: one
-    (B, out, in) einsum per matrix, one matrix at a time. A forward hook keeps each candidate's
-    input and output. One backward pass per example gives the same numbers with B times the
-    passes (test_smoe.py checks that they agree).
+    How it costs about one LoRA fine-tuning step per batch: the batch's examples do not interact in
+    the forward pass (true of transformers; not of batch norm), so the gradient of sum_x l(x) at a
+    candidate's output y, restricted to example x's tokens, is d l(x)/dy, and x's weight gradient is
+    G_x = sum over its tokens of (dl/dy)^T x_in. per_example_sq_norms turns that into ||G_x||^2
+    without forming G_x. A forward hook keeps each candidate's input (detached: nothing outside the
+    one backward pass builds a graph) and adds a zero scalar that requires grad to its output: the
+    backward pass then reaches every candidate's output without computing any weight gradient (the
+    weights stay frozen, as in LoRA), and a hook on that output folds its gradient into the score
+    as the backward pass reaches it, so each gradient is freed at once. A matrix called more than
+    once keeps its calls until the backward pass ends and sums their tokens together (its
+    gradients add before squaring). One backward pass per example gives the same numbers with B
+    times the passes (test_smoe.py checks that they agree).
     A candidate the loss never uses scores 0, with a warning naming it. Nothing is updated, and
     the model's weights, requires_grad flags, .grad fields and train/eval mode are left as found.
     A score that is not finite (NaN or inf) raises ValueError naming the task and matrix.
@@ -394,41 +423,56 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    for m in modules.values():
-        m.weight.requires_grad_(True)  # puts each candidate's output in the autograd graph
-    seen = {name: [] for name in modules}  # (input, output) of every call of each candidate in one forward
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen[name].append((inp[0], out)))
-             for name, m in modules.items()]
+    device = next(iter(modules.values())).weight.device if modules else torch.device("cpu")
+    probe = torch.zeros((), device=device, requires_grad=True)  # y + probe: y joins the graph, no weight needs a gradient
+    inputs = {name: [] for name in modules}   # each call's input in this forward pass, (B, ..., in), detached
+    joined = {name: [] for name in modules}   # (x, g) of each call of a matrix called more than once
+    acc, step = {}, {}                        # acc: this task's scores; step: the batch's size and estimator's view
+
+    def flat(t):  # (B, ..., C) -> (B, T, C) float32 for "fisher"; the whole batch as one example for "batch"
+        return t.float().reshape(step["B"], -1, t.shape[-1])
+
+    def fold(name, x, g):  # add this matrix's per-example squared gradient norms to its score
+        if x.dim() < 2 or (estimator == "fisher" and x.shape[0] != step["B"]):
+            raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
+                             f"batch's {step['B']} examples first; per-example gradients need the batch dimension first")
+        with torch.no_grad():  # nothing here may join a graph: it would keep (B, ...) tensors alive
+            acc[name] += per_example_sq_norms(flat(g), flat(x)).sum()
+
+    def on_output(name, i, g):  # runs as the backward pass reaches call i's output; g: (B, ..., out)
+        x, inputs[name][i] = inputs[name][i], None  # the input is freed with the gradient
+        unused.discard(name)
+        if len(inputs[name]) == 1:
+            fold(name, x, g)
+        else:
+            joined[name].append((x, g))
+
+    def on_forward(module, inp, out, name):
+        inputs[name].append(inp[0].detach())
+        out = out + probe
+        out.register_hook(functools.partial(on_output, name, len(inputs[name]) - 1))
+        return out
+
+    hooks = [m.register_forward_hook(functools.partial(on_forward, name=name)) for name, m in modules.items()]
     scores, unused = {}, set(modules)
     try:
         for task, batches in task_batches.items():
-            acc = {name: torch.zeros((), dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+            acc.update({name: torch.zeros((), dtype=torch.float32, device=m.weight.device) for name, m in modules.items()})
             for batch in batches:
-                for calls in seen.values():
-                    calls.clear()
+                for name in modules:
+                    inputs[name].clear()
+                    joined[name].clear()
                 losses = loss_fn(model, batch).float()                        # (B,) or () for "batch"
                 if losses.dim() != 1 and not (estimator == "batch" and losses.dim() == 0):
                     raise ValueError(f"loss_fn must return one loss per example, shape (B,), got shape {tuple(losses.shape)}"
                                      + (" (a scalar batch loss works only with estimator='batch')" if losses.dim() == 0 else ""))
                 total = losses.sum() if estimator == "fisher" else losses.mean()
-                outputs = [y for pairs in seen.values() for _, y in pairs]
-                grads = iter(torch.autograd.grad(total, outputs, allow_unused=True))  # dL/dy of every call, in order
-                B = losses.shape[0] if estimator == "fisher" else 1  # "batch": the whole batch as one example
-                for name, pairs in seen.items():  # one matrix at a time: at most one (B, out, in) tensor held
-                    G = None                      # (B, out, in) gradient of each example's loss
-                    for x, _ in pairs:
-                        g = next(grads)                                         # (B, ..., out) or None
-                        if g is None:
-                            continue  # this call does not reach the loss
-                        if estimator == "fisher" and (x.dim() < 2 or x.shape[0] != B):
-                            raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
-                                             f"batch's {B} examples first; per-example gradients need the batch dimension first")
-                        g, x = g.float().reshape(B, -1, g.shape[-1]), x.float().reshape(B, -1, x.shape[-1])
-                        Gx = torch.einsum("bto,bti->boi", g, x)                 # (B, out, in) this call's share
-                        G = Gx if G is None else G + Gx                         # a matrix used twice: gradients add
-                    if G is not None:
-                        acc[name] += G.pow(2).sum()                             # sum over examples of ||G_x||_F^2
-                        unused.discard(name)
+                step["B"] = losses.shape[0] if estimator == "fisher" else 1
+                if total.requires_grad:  # False when no candidate reaches the loss
+                    torch.autograd.grad(total, probe)                          # the one backward pass; the hooks fold
+                for name, pairs in joined.items():  # a matrix called more than once: one token sum over its calls
+                    if pairs:
+                        fold(name, torch.cat([flat(x) for x, _ in pairs], 1), torch.cat([flat(g) for _, g in pairs], 1))
             scores[task] = {name: (acc[name] / (m.weight.numel() if reduction == "mean" else 1)).item()
                             for name, m in modules.items()}
             bad = [name for name, s in scores[task].items() if not math.isfinite(s)]

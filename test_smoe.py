@@ -31,7 +31,7 @@ import train
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, adapter_state_dict, allocate_alpha,
                   allocate_experts, allocate_mola, allocate_random, allocate_uniform, apply_lora_moe, apportion,
                   base_fingerprint, candidate_names, compute_sensitivity, layer_name, load_adapter, load_balancing_loss,
-                  moe_aux_loss, moe_layers, normalise_per_layer, powerlaw_alpha, routing_counts)
+                  moe_aux_loss, moe_layers, normalise_per_layer, per_example_sq_norms, powerlaw_alpha, routing_counts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -443,6 +443,71 @@ def test_a_matrix_used_twice_adds_its_gradients_before_squaring():
 def test_per_layer_normalisation_worked_example():
     scores = {"t": {"layers.0.q": 6.0, "layers.0.k": 2.0, "layers.1.q": 1.0, "layers.1.k": 3.0}}
     assert normalise_per_layer(scores) == {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}
+
+
+def test_per_example_squared_norms_both_ways_against_a_naive_loop():
+    torch.manual_seed(0)
+    g, x = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64)  # (B, T, out), (B, T, in)
+    naive = torch.stack([sum(torch.outer(g[b, t], x[b, t]) for t in range(5)).pow(2).sum() for b in range(3)])
+    for gram in (True, False, None):
+        assert_close(per_example_sq_norms(g, x, gram), naive, atol=1e-10, rtol=1e-10)
+    # the docstring's example by hand: G = [[1, 2], [3, 4]], 30 both ways
+    g1, x1 = torch.eye(2)[None], torch.tensor([[[1., 2.], [3., 4.]]])
+    assert per_example_sq_norms(g1, x1, gram=True).item() == per_example_sq_norms(g1, x1, gram=False).item() == 30.0
+
+
+def test_sensitivity_of_padded_batches_equals_each_example_alone_without_padding():
+    model = tiny_gpt()
+    names = candidate_names(model, TARGETS + ("up_proj", "down_proj"))
+    batches = task_batches(["reverse", "add"], n_batches=1)
+    actual = compute_sensitivity(model, batches, example_loss, names)
+    reference = copy.deepcopy(model)
+    weights = [reference.get_submodule(n).weight.requires_grad_(True) for n in names]
+    pad = data.STOI[data.PAD]
+    for task, ((x, y),) in batches.items():
+        assert (x == pad).any(dim=1).all()  # every line of the batch is padded
+        expected = {name: 0.0 for name in names}
+        for i in range(len(x)):
+            n = int((x[i] != pad).sum())  # the line's own length: no padding at all
+            grads = torch.autograd.grad(example_loss(reference, (x[i:i + 1, :n], y[i:i + 1, :n])).sum(), weights)
+            for name, g in zip(names, grads):
+                expected[name] += g.double().pow(2).sum().item()
+        for name in names:
+            assert math.isclose(actual[task][name], expected[name], rel_tol=1e-4), (task, name)
+
+
+def test_sensitivity_builds_no_graph_outside_the_one_backward_pass():
+    """Regression: a candidate's input is in the autograd graph (earlier candidates join it), and
+    squaring its per-example gradients with grad mode on built a graph that kept a (B, out, in)
+    tensor alive per matrix until the task ended: on a 135 M-parameter model the process ran out of
+    memory. Nothing may be saved for a backward pass once the forward pass is over."""
+    torch.manual_seed(0)
+    in_forward, saved_after = [False], []
+
+    def pack(t):
+        if not in_forward[0]:
+            saved_after.append(tuple(t.shape))
+        return t
+
+    def forward_only(loss_fn):
+        def wrapped(model, batch):
+            in_forward[0] = True
+            try:
+                return loss_fn(model, batch)
+            finally:
+                in_forward[0] = False
+        return wrapped
+
+    gpt = tiny_gpt()
+    twice = Twice()  # a matrix called twice takes the path that joins its calls after the backward pass
+    twice_loss = lambda model, batch: model(batch).pow(2).sum(dim=(1, 2))  # (B,)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for estimator in ("fisher", "batch"):
+            scores = compute_sensitivity(gpt, task_batches(["reverse"], 2), forward_only(example_loss),
+                                         candidate_names(gpt, TARGETS + ("up_proj", "down_proj")), estimator)
+            scores.update(compute_sensitivity(twice, {"t": [torch.randn(4, 3, 4)]}, forward_only(twice_loss), ["proj"], estimator))
+            assert all(type(s) is float for task in scores.values() for s in task.values())
+    assert saved_after == [], f"{len(saved_after)} tensors saved for backward after the forward pass, e.g. {saved_after[:3]}"
 
 
 def test_sensitivity_leaves_the_model_as_found():
