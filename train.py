@@ -221,7 +221,8 @@ def wrap(model, allocation, candidates, args):
                   "plain_lora_all_candidates": sum(args.rank * (m.in_features + m.out_features)
                                                    for m in map(model.get_submodule, candidates))}
     tqdm.write(f"4. parameters: {parameters['total']:,} total, {parameters['trainable']:,} trainable (LoRA and routers); "
-               f"plain LoRA r={args.rank} on all {len(candidates)} candidates would train {parameters['plain_lora_all_candidates']:,}")
+               f"plain LoRA r={args.rank} on all {len(candidates)} candidates would train "
+               f"{parameters['plain_lora_all_candidates']:,}")
     return model, parameters
 
 
@@ -232,8 +233,8 @@ def finetune(model, allocation, eval_sets, args, device, ckpt, times):
     --dtype bf16 the forward pass runs under bf16 autocast (float32 weights and optimizer, bf16 matmuls).
     Returns (history, curve, the model's held-out answers at the end)."""
     t0 = time.time()
-    tqdm.write(f"5. fine-tuning on the mixture of {', '.join(args.tasks)} for {args.steps} steps, loss = ce + {args.aux_coef} * aux"
-               + (" (bf16 autocast)" if args.dtype == "bf16" else ""))
+    tqdm.write(f"5. fine-tuning on the mixture of {', '.join(args.tasks)} for {args.steps} steps, "
+               f"loss = ce + {args.aux_coef} * aux" + (" (bf16 autocast)" if args.dtype == "bf16" else ""))
     ddp_model = for_training(model, device)  # [ddp] averages the adapter gradients over the ranks; `model` otherwise
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -255,7 +256,7 @@ def finetune(model, allocation, eval_sets, args, device, ckpt, times):
             x, y = to_device(x, device), to_device(y, device)
             with autocast:
                 _, ce = ddp_model(x, y)  # cross-entropy on the answer tokens
-                aux = moe_aux_loss(model, mask=x != data.STOI[data.PAD])  # balancing loss over the routing layers, real tokens only
+                aux = moe_aux_loss(model, mask=x != data.STOI[data.PAD])  # balancing loss, on the real tokens
             loss = ce + args.aux_coef * aux
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -716,7 +717,8 @@ def check_folders(p, args):
             p.error(f"{flag} {folder!r} is a file; give a folder to write into")
         existed = os.path.isdir(folder)
         try:
-            try_writing(folder)
+            if rank() == 0:  # [ddp] only rank 0 writes, so only it tries: ranks removing each other's trial folders would collide
+                try_writing(folder)
         except OSError as e:
             p.error(f"{flag} {folder!r} {'is not writable' if existed else 'cannot be created'} "
                     f"({e.strerror or type(e).__name__}); give a writable folder")
@@ -959,7 +961,9 @@ def run_config(args, cfg):
 
 def kept(path, step):
     """What a run stopped now leaves behind, for the line that says so."""
-    return " before any checkpoint was saved" if step is None else f", the last good checkpoint (after step {step}) is kept in {path}"
+    if step is None:
+        return " before any checkpoint was saved"
+    return f", the last good checkpoint (after step {step}) is kept in {path}"
 
 
 def rng_state(rng, device):
