@@ -360,7 +360,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
       that matrices of different shapes compete fairly).
     Returns {task: {module_name: score}}, without gradient clipping, the per-example gradients formed
     and squared in float32 (the released code squares fp16 gradients after clipping them to norm 1:
-    see README.md). The backward pass itself runs in the model's dtype: on a bf16 model the
+    METHOD.md 2.1). The backward pass itself runs in the model's dtype: on a bf16 model the
     gradients at each output are bf16 before they are upcast.
 
     How the per-example gradients come out of one backward pass: the batch's examples do not
