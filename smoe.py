@@ -101,7 +101,7 @@ class LoRAMoELinear(nn.Module):
     Gates: for k >= 2, g = softmax over the k chosen router logits (Mixtral [4]); for k = 1,
     g_i = p_i, the chosen expert's full-softmax probability (Switch Transformer [3]). The
     renormalised softmax over one logit is always exactly 1, so a top-1 router would get no
-    gradient from the task loss and learn from the balancing loss alone (METHOD.md 2.3).
+    gradient from the task loss and learn from the balancing loss alone (README.md, How it works).
     With E == 1 there is no router and the layer is plain LoRA [2].
 
     E experts of rank r stacked are one LoRA of rank E*r whose rank groups are gated per
@@ -496,7 +496,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
 def normalise_per_layer(sensitivity):
     """Each task's scores as shares of that task's total within the same layer (layer_name), so
     every layer's candidates sum to 1 per task. This is roughly what the released code does without
-    saying so: it clips each layer's gradient to norm 1 before reading the score (METHOD.md 2.1),
+    saying so: it clips each layer's gradient to norm 1 before reading the score (README.md),
     so a layer's matrices compete only with each other, and depth no longer decides the votes.
     Example: {"t": {"layers.0.q": 6, "layers.0.k": 2, "layers.1.q": 1, "layers.1.k": 3}}
     -> {"t": {"layers.0.q": 0.75, "layers.0.k": 0.25, "layers.1.q": 0.25, "layers.1.k": 0.75}}."""

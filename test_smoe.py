@@ -1248,6 +1248,20 @@ def test_unwritable_output_folder(tmp_path):
         train.parse_args(["--out", str(blocker / "sub")])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_cannot_be_created_is_refused_before_any_work(tmp_path, monkeypatch):
+    # /proc refuses new folders even to root, to whom os.access says yes: only trying tells
+    monkeypatch.setattr(train.os, "access", lambda path, mode: True)  # as for root, whoever runs the tests
+    for flag in ("--out", "--cache"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([flag, "/proc/newcomer_out", "--device", "cpu"])
+        assert str(e.value.code) == (f"train.py: error: {flag} '/proc/newcomer_out' cannot be created (No such file or "
+                                     "directory); give a writable folder")
+    proc = run_train("--out", "/proc/newcomer_out")  # a real process: one line, nothing pretrained
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("train.py: error: --out '/proc/newcomer_out' cannot be created")
+
+
 def run_train(*argv):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv],
                           capture_output=True, text=True, cwd=HERE, timeout=300)
@@ -1633,6 +1647,28 @@ def test_only_an_unfinished_checkpoint_is_worth_a_note(reference, tmp_path):
     assert train.unfinished_checkpoint(str(path))  # cannot tell: say so
 
 
+def test_a_run_stopped_where_a_finished_run_was_leaves_only_its_own_files(reference, tmp_path, monkeypatch):
+    out = with_base(reference, tmp_path)
+    for name in ("allocation.json", "results.json", "adapter.pt", "checkpoint.pt"):  # a finished run
+        shutil.copy(reference["out"] / name, out / name)
+    real_aux, calls = train.moe_aux_loss, []
+    def sigterm_in_step_3(model, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_aux(model, **kwargs)
+    monkeypatch.setattr(train, "moe_aux_loss", sigterm_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        run_main(out, budget=("--budget", "5"))  # another run, stopped after its step 3
+    assert e.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("base-")) == ["allocation.json", "checkpoint.pt"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["allocation"] == json.loads((out / "allocation.json").read_text())
+    assert sum(ckpt["allocation"].values()) == 5  # both files are the new run's
+    with pytest.raises(SystemExit, match="results.json is missing; a finished run writes it .a stopped one: finish it with --resume"):
+        train.inspect_run(train.parse_args(["--out", str(out), "--evaluate"]))
+
+
 def test_saved_adapter_on_a_fresh_model_reproduces_the_fine_tuned_outputs(reference, tmp_path):
     model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
     cache = next(reference["out"].glob("base-*.pt"))
@@ -1697,6 +1733,20 @@ def test_a_finished_run_reloads_and_evaluates_to_its_own_results(reference, tmp_
     (moved / "results.json").unlink()
     with pytest.raises(ValueError, match="results.json is missing; a finished run writes it"):
         train.load_trained(str(moved))
+
+
+def test_answer_is_the_greedy_answer_up_to_its_final_dot(reference):
+    model, _ = train.load_trained(str(reference["out"]))
+    past_the_dot = 0
+    for task in data.TASKS:
+        for prompt, _ in data.eval_set(task, 5):
+            written = naive_greedy(model, prompt, data.BLOCK_SIZE + 1 - len(prompt))  # as far as the block goes
+            head, dot, rest = written.partition(".")
+            assert train.answer(model, prompt) == head + dot
+            past_the_dot += bool(dot and rest)
+    assert past_the_dot > 0  # the model writes on after its "."; answer() stops there
+    with pytest.raises(ValueError, match="'A1[?]': give 1 to 11 characters from"):
+        train.answer(model, "A1?")
 
 
 def test_base_cache_is_used_only_when_it_matches(tmp_path):
@@ -1850,6 +1900,10 @@ def test_bad_allocation_files_give_one_clear_line(text, argv, message, tmp_path)
     (["--eval-every", "1.5"], "--eval-every: expected a whole number >= 1, got '1.5'"),
     (["--aux-coef", "-1"], "--aux-coef: expected a number >= 0"),
     (["--sens-reduction", "max"], "--sens-reduction: invalid choice: 'max'"),
+    (["--tasks", "reverse,srot"], "got reverse,srot: 'srot' is not one of them"),  # the wrong name, named
+    (["--tasks", "add,sort,add"], "got add,sort,add: 'add' twice"),
+    (["--targets", "q_proj,x_proj"], "--targets must name distinct matrices from q_proj,k_proj,v_proj,o_proj,up_proj,"
+                                     "down_proj, got q_proj,x_proj: 'x_proj' is not one of them"),
 ])
 def test_more_bad_arguments_give_one_clear_line(argv, message):
     with pytest.raises(SystemExit) as e:

@@ -2,7 +2,7 @@
 The paper's own test: LoRA-SMoE against plain LoRA and a uniform mixture of LoRA experts, and the
 peers' allocation rules, on the same pretrained base, the same data and the same seeds.
 
-With T tasks and M candidate matrices (METHOD.md section 4):
+With T tasks and M candidate matrices (the released example allocation spends 60 % of T x M):
   plain LoRA        one expert on every matrix                       budget M
   uniform LoRA-MoE  T experts on every matrix                        budget T x M
   LoRA-SMoE         sensitivity votes, each task for its top 60 %    budget T x round(0.6 M)  (the paper's regime)
