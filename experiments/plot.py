@@ -64,7 +64,7 @@ def main(argv=None):
         ax.set_ylabel("held-out exact match, mean over tasks")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle("Each dot one seed, each bar the mean over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
