@@ -354,8 +354,8 @@ def per_example_sq_norms(g, x, gram=None):
       outer: form G (B, out, in) by one einsum and square it: B*T*out*in multiply-adds, B*out*in floats.
       Gram:  ||G_b||^2 = sum over t, t' of (g_bt . g_bt') (x_bt . x_bt'), two (B, T, T) Gram matrices
              (Goodfellow 2015 [7]; the "ghost norm" of [8]): B*T*T*(out + in) multiply-adds.
-    gram=None picks the cheaper by that count: the Gram way when T * (out + in) < out * in, which on a
-    real model (T of tens to hundreds, out and in of hundreds to thousands) is nearly always.
+    gram=None picks the cheaper by that count: the Gram way when T * (out + in) < out * in, i.e. for
+    texts shorter than out * in / (out + in) tokens (144 for a 576 x 192 matrix, 288 for 576 x 576).
     Example by hand, one example, two tokens: g = [[1, 0], [0, 1]], x = [[1, 2], [3, 4]] gives
     G = [[1, 2], [3, 4]] and 1 + 4 + 9 + 16 = 30; the Gram way: g g^T = I, so 1*(x1.x1) + 1*(x2.x2) = 5 + 25.
     """
@@ -423,9 +423,8 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    device = next(iter(modules.values())).weight.device if modules else torch.device("cpu")
-    probe = torch.zeros((), device=device, requires_grad=True)  # y + probe: y joins the graph, no weight needs a gradient
-    inputs = {name: [] for name in modules}   # each call's input in this forward pass, (B, ..., in), detached
+    probes = {}  # one zero scalar per device that requires grad: y + probe joins the graph, no weight needs a gradient
+    inputs = {name: [] for name in modules}   # (input, its version) of each call in this forward pass; input (B, ..., in), detached
     joined = {name: [] for name in modules}   # (x, g) of each call of a matrix called more than once
     acc, step = {}, {}                        # acc: this task's scores; step: the batch's size and estimator's view
 
@@ -433,14 +432,16 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
         return t.float().reshape(step["B"], -1, t.shape[-1])
 
     def fold(name, x, g):  # add this matrix's per-example squared gradient norms to its score
-        if x.dim() < 2 or (estimator == "fisher" and x.shape[0] != step["B"]):
-            raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
-                             f"batch's {step['B']} examples first; per-example gradients need the batch dimension first")
         with torch.no_grad():  # nothing here may join a graph: it would keep (B, ...) tensors alive
             acc[name] += per_example_sq_norms(flat(g), flat(x)).sum()
 
     def on_output(name, i, g):  # runs as the backward pass reaches call i's output; g: (B, ..., out)
-        x, inputs[name][i] = inputs[name][i], None  # the input is freed with the gradient
+        (x, version), inputs[name][i] = inputs[name][i], None  # the input is freed with the gradient
+        if x._version != version:  # detached, it shares its storage: an in-place change would go unseen
+            raise ValueError(f"the input of {name} was changed in place after the call; the sensitivity needs it as it was")
+        if estimator == "fisher" and (x.dim() < 2 or x.shape[0] != step["B"]):
+            raise ValueError(f"{name} sees inputs of shape {tuple(x.shape)}, not (B, ..., in) with the "
+                             f"batch's {step['B']} examples first; per-example gradients need the batch dimension first")
         unused.discard(name)
         if len(inputs[name]) == 1:
             fold(name, x, g)
@@ -448,8 +449,13 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
             joined[name].append((x, g))
 
     def on_forward(module, inp, out, name):
-        inputs[name].append(inp[0].detach())
-        out = out + probe
+        if not torch.is_grad_enabled():  # a call under no_grad cannot reach the loss's gradient
+            return out
+        x = inp[0].detach()
+        inputs[name].append((x, x._version))
+        if out.device not in probes:
+            probes[out.device] = torch.zeros((), device=out.device, requires_grad=True)
+        out = out + probes[out.device]
         out.register_hook(functools.partial(on_output, name, len(inputs[name]) - 1))
         return out
 
@@ -469,7 +475,7 @@ def compute_sensitivity(model, task_batches, loss_fn, module_names, estimator="f
                 total = losses.sum() if estimator == "fisher" else losses.mean()
                 step["B"] = losses.shape[0] if estimator == "fisher" else 1
                 if total.requires_grad:  # False when no candidate reaches the loss
-                    torch.autograd.grad(total, probe)                          # the one backward pass; the hooks fold
+                    torch.autograd.grad(total, list(probes.values()), allow_unused=True)  # the one backward pass; the hooks fold
                 for name, pairs in joined.items():  # a matrix called more than once: one token sum over its calls
                     if pairs:
                         fold(name, torch.cat([flat(x) for x, _ in pairs], 1), torch.cat([flat(g) for _, g in pairs], 1))

@@ -476,6 +476,37 @@ def test_sensitivity_of_padded_batches_equals_each_example_alone_without_padding
             assert math.isclose(actual[task][name], expected[name], rel_tol=1e-4), (task, name)
 
 
+class InPlace(nn.Module):
+    """A model that changes a candidate's input in place after the call, and calls another under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.frozen = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, change=True):
+        h = torch.tanh(x)
+        y = self.proj(h)
+        if change:
+            h.mul_(2.0)  # the input proj saw is not the one its gradient belongs to any more
+        with torch.no_grad():
+            z = self.frozen(x)  # no gradient can reach frozen through this call
+        return y + z
+
+
+def test_sensitivity_refuses_an_input_changed_in_place_and_skips_calls_under_no_grad():
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.randn(5, 3, 4)
+    loss_fn = lambda model, batch: model(batch).pow(2).sum(dim=(1, 2))  # (B,)
+    with pytest.raises(ValueError, match="the input of proj was changed in place after the call"):
+        compute_sensitivity(model, {"t": [x]}, loss_fn, ["proj", "frozen"])
+    unchanged = lambda model, batch: model(batch, change=False).pow(2).sum(dim=(1, 2))
+    with pytest.warns(UserWarning, match="1 candidate matrices never reach the loss and score 0: frozen"):
+        scores = compute_sensitivity(model, {"t": [x]}, unchanged, ["proj", "frozen"])["t"]
+    expected = sum(torch.autograd.grad(unchanged(model, x[i:i + 1]).sum(), model.proj.weight)[0].double().pow(2).sum().item()
+                   for i in range(len(x)))
+    assert scores["frozen"] == 0.0 and math.isclose(scores["proj"], expected, rel_tol=1e-5)
+
+
 def test_sensitivity_builds_no_graph_outside_the_one_backward_pass():
     """Regression: a candidate's input is in the autograd graph (earlier candidates join it), and
     squaring its per-example gradients with grad mode on built a graph that kept a (B, out, in)

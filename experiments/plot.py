@@ -17,17 +17,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def toy_points(path):
-    """[(rule, trainable, [mean exact match per seed])] from compare.py's compare.json."""
+    """[(rule, [trainable per seed], [mean exact match per seed])] from compare.py's compare.json
+    (which keeps one parameter count per rule)."""
     with open(path) as f:
         rows = json.load(f)["rows"]
-    return [(row["rule"], row["trainable"], row["mean"]) for row in rows]
+    return [(row["rule"], [row["trainable"]] * len(row["mean"]), row["mean"]) for row in rows]
 
 
 def real_points(path):
-    """The same from real_model.py's results.json."""
+    """The same from real_model.py's results.json, each seed at its own parameter count."""
     with open(path) as f:
         results = json.load(f)["results"]
-    return [(rule, next(iter(runs.values()))["trainable"], [r["mean"] for r in runs.values()])
+    return [(rule, [r["trainable"] for r in runs.values()], [r["mean"] for r in runs.values()])
             for rule, runs in results.items()]
 
 
@@ -55,10 +56,11 @@ def main(argv=None):
         p.error(f"neither {args.toy} nor {args.real} exists: run experiments/compare.py or experiments/real_model.py first")
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels):
-        for i, (rule, trainable, means) in enumerate(points):
+        for i, (rule, trainable, means) in enumerate(points):  # trainable, means: one per seed
             color = f"C{i % 10}"
-            ax.scatter([trainable] * len(means), means, color=color, alpha=0.45, s=22)   # each seed
-            ax.scatter([trainable], [sum(means) / len(means)], color=color, marker="_", s=400, label=rule)  # the mean
+            ax.scatter(trainable, means, color=color, alpha=0.45, s=22)   # each seed
+            ax.scatter([sum(trainable) / len(trainable)], [sum(means) / len(means)], color=color, marker="_", s=400,
+                       label=rule)  # the mean
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (LoRA experts and routers)")
         ax.set_ylabel("held-out exact match, mean over tasks")

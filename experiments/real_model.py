@@ -11,7 +11,10 @@ choice), the rules of the paper's regime:
   layer      LoRA-SMoE on per-layer shares of the same scores (normalise_per_layer)  budget 288
   random     the fisher counts shuffled over the matrices (a control)       budget 288
   mola, alpha  the peers' rules at 288 (not run by default, to keep the time; --rules adds them)
-The sensitivity uses 4 batches of 16 training examples per task (drawn by the seed), once per seed.
+The sensitivity uses 4 batches of 16 examples per task, drawn by the seed from the task generator,
+once per seed (they feed only the allocation; a held-out prompt can be among them, about 1 of the
+64 add prompts). "experts" and "trainable" in the table are seed 0's: the vote rules' counts differ
+a little between seeds.
 
 The tasks, fixed from a principle before any rule was compared: each needs a different ability
 (reverse: order of a sequence; sort: comparing letters; upper: a mapping of each token; add: carries
@@ -31,8 +34,8 @@ Run (from the repository root; needs `pip install transformers gguf accelerate` 
   python experiments/real_model.py                         3 seeds, 2 jobs of 1 thread (CPU; time in README.md)
   python experiments/real_model.py --rules plain           the instrument check: plain LoRA alone
   python experiments/real_model.py --device cuda --seeds 0 1 2 3 4 --jobs 1
-Writes out/real_model/results.json (every run: per-task accuracy, allocation, parameters, time) and
-the sensitivity of every seed.
+Writes out/real_model/results.json (every run: per-task accuracy, allocation, parameters, time;
+the sensitivity of every seed) at the end, and runs.json after each run.
 
 Shapes: B batch, T time (tokens).
 """
@@ -135,6 +138,8 @@ def exact_match(model, tokenizer, examples, batch_size, device):
     """{task: share of held-out prompts whose greedy answer (up to the end token) is exactly right}."""
     model.eval()
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked; some tokenizers have no pad token
     scores = {}
     for task, pairs in examples.items():
         right = 0
@@ -337,6 +342,7 @@ def main(argv=None):
         for future in concurrent.futures.as_completed(futures):
             rule, seed, result = future.result()
             results[rule][seed] = result
+            train.write_json(os.path.join(args.out, "runs.json"), results)  # so far: nothing is lost if a later run fails
             bar.update()
             tqdm.write(f"{rule:<8} seed {seed}: " + " ".join(f"{t} {a:.2f}" for t, a in result["accuracy"].items())
                        + f" mean {result['mean']:.3f} ({result['seconds']:.0f} s)")
