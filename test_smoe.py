@@ -1572,7 +1572,8 @@ def start_train():
     still running at the end of the test is killed."""
     procs = []
     def start(out, *argv):
-        logs = [open(out.parent / f"{out.name}.{name}", "w+") for name in ("stdout", "stderr")]
+        logs = [open(out.parent / f"{out.name}.{name}", "w+", errors="replace")  # a read can land inside a bar character
+                for name in ("stdout", "stderr")]
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--out", str(out)], cwd=HERE,
                                       stdout=logs[0], stderr=logs[1], env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
