@@ -2146,39 +2146,3 @@ def test_real_model_tasks_answers_and_held_out_examples_never_trained_on():
     drawn = [next(stream) for _ in range(20000)]
     assert not prompts & {p for _, p, _ in drawn}  # the add task alone repeats held-out prompts often: none gets through
     assert [t for t, _, _ in drawn[:8]] == list(rm.TASKS) * 2  # the tasks in turn (a held-out prompt drawn is skipped)
-
-
-def test_the_toy_base_starts_with_unit_scale_embeddings_and_caches_under_its_scale(tmp_path):
-    # the toy's base: embeddings N(0, emb_std) (default 1, PyTorch's nn.Embedding default), matrices N(0, 0.02)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
-    for emb in (model.tok_emb.weight, model.pos_emb.weight):  # 33 x 64 and 12 x 64 draws: sd within 10 %
-        assert 0.9 < emb.std().item() < 1.1 and abs(emb.mean().item()) < 0.1
-    assert 0.018 < model.layers[0].attn.q_proj.weight.std().item() < 0.022
-    torch.manual_seed(0)
-    small = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, emb_std=0.02))
-    assert 0.018 < small.tok_emb.weight.std().item() < 0.022
-    # a base cached under one embedding scale is never loaded for the other: the key differs
-    args = train.parse_args(["--out", str(tmp_path), "--device", "cpu"])
-    (path_unit, key_unit), (path_small, key_small) = train.base_cache(args, model.cfg), train.base_cache(args, small.cfg)
-    assert path_unit != path_small
-    torch.save({"key": key_small, "model": small.state_dict()}, path_unit)  # same shapes, other scale
-    assert "other settings" in train.load_base(model, path_unit, key_unit)
-
-
-def test_toy_profile_rebuilds_the_initialisation_and_its_shares_add_up(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, os.path.join(HERE, "experiments"))
-    import toy_profile
-    cfg = train.toy_config()
-    torch.manual_seed(3)
-    fresh = GPT(cfg)  # as train.pretrained_base builds a base of --base-seed 3 before pretraining
-    assert all(v == 0 for row in toy_profile.weight_change(fresh, cfg, 3) for v in row)
-    moved = toy_profile.weight_change(fresh, cfg, 4)  # another seed's initialisation: about sqrt(2) apart
-    assert all(1.3 < v < 1.5 for row in moved for v in row), moved
-    monkeypatch.setattr(sys, "argv", ["toy_profile.py", "--cache", str(tmp_path), "--pretrain-steps", "3",
-                                      "--sens-batches", "1", "--batch-size", "8", "--device", "cpu"])
-    toy_profile.main()
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d ", line)]
-    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
-    for task in range(len(data.TASKS)):  # each task's shares, rounded to whole %, add up to about 100
-        assert 97 <= sum(int(r[1 + task]) for r in rows) <= 103
