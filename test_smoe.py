@@ -772,19 +772,19 @@ def test_mola_and_alpha_group_encoder_and_decoder_layers_apart():
 
 @pytest.mark.parametrize("rule", ["sensitivity", "uniform", "mola", "alpha", "random"])
 def test_every_rule_runs_from_train_py(rule, tmp_path):
-    args = train.parse_args(["--alloc", rule, "--budget", "16", "--targets", ",".join(TARGETS), "--pretrain-steps", "3", "--steps", "2",
+    args = train.parse_args(["--alloc", rule, "--budget", "32", "--targets", ",".join(TARGETS), "--pretrain-steps", "3", "--steps", "2",
                              "--batch-size", "4", "--sens-batches", "1", "--eval-examples", "2",
                              "--device", "cpu", "--out", str(tmp_path / rule), "--cache", str(tmp_path)])
     results = train.main(args)
-    assert sum(results["allocation"].values()) == 16
+    assert sum(results["allocation"].values()) == 32
     # the rule's own function on the same cached base: swapping rules in train.py's dispatch fails here
     (cache,) = tmp_path.glob("base-*.pt")
     base = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
     base.load_state_dict(torch.load(cache, weights_only=True)["model"])
     names = candidate_names(base, TARGETS)
-    votes = allocate_experts(results["sensitivity"], 16)
-    expected = {"sensitivity": votes, "uniform": allocate_uniform(names, 16), "mola": allocate_mola(names, 16),
-                "alpha": allocate_alpha(base, names, 16)[0], "random": allocate_random(votes, 0)}[rule]
+    votes = allocate_experts(results["sensitivity"], 32)
+    expected = {"sensitivity": votes, "uniform": allocate_uniform(names, 32), "mola": allocate_mola(names, 32),
+                "alpha": allocate_alpha(base, names, 32)[0], "random": allocate_random(votes, 0)}[rule]
     assert results["allocation"] == {m: n for m, n in expected.items() if n > 0}  # zeros dropped
     assert json.loads((tmp_path / rule / "allocation.json").read_text()) == results["allocation"]
 
@@ -1261,14 +1261,14 @@ def test_batch_masks_the_prompt():
 
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "0"], "--budget: expected a whole number >= 1, got '0'"),
-    (["--budget", "65"], "--budget must be from 1 to 64"),
+    (["--budget", "129"], "--budget must be from 1 to 128"),
     (["--budget", "sixteen"], "expected a whole number >= 1, got 'sixteen'"),
     (["--rank", "0"], "--rank: expected a whole number >= 1"),
     (["--top-k", "0"], "--top-k: expected a whole number >= 1"),
     (["--lr", "nan"], "--lr: expected a number > 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
     (["--targets", "q_proj,w_proj"], "--targets must name distinct matrices"),
-    (["--alloc", "uniform", "--budget", "20"], "nearest valid budgets: 16 or 32"),
+    (["--alloc", "uniform", "--budget", "40"], "nearest valid budgets: 32 or 64"),
     (["--alloc", "greedy"], "--alloc: invalid choice"),
     (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
 ])
@@ -1308,10 +1308,10 @@ def run_train(*argv):
 
 def test_train_py_bad_input_prints_no_traceback_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    proc = run_train("--budget", "100", "--out", str(out))
+    proc = run_train("--budget", "200", "--out", str(out))
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "--budget must be from 1 to 64" in proc.stderr
+    assert "--budget must be from 1 to 128" in proc.stderr
     assert not out.exists()
 
 
@@ -1933,7 +1933,7 @@ def test_bad_allocation_files_give_one_clear_line(text, argv, message, tmp_path)
     (["--tasks", ""], "--tasks must name distinct tasks from reverse,sort,shift,add, got nothing"),
     (["--tasks", "reverse,copy"], "--tasks must name distinct tasks from reverse,sort,shift,add, got reverse,copy"),
     (["--tasks", "sort,sort"], "--tasks must name distinct tasks"),
-    (["--tasks", "add", "--budget", "17"], "--budget must be from 1 to 16 (tasks x candidate matrices = 1 x 16), got 17"),
+    (["--tasks", "add", "--budget", "33"], "--budget must be from 1 to 32 (tasks x candidate matrices = 1 x 32), got 33"),
     (["--tasks", "add", "--eval-examples", "5000"], "--eval-examples 5000 is more than the"),
     (["--seed", str(2**64)], "--seed: expected a whole number >= 0 and <= 18446744073709551615"),
     (["--checkpoint-every", "0"], "--checkpoint-every: expected a whole number >= 1, got '0'"),
@@ -2146,3 +2146,39 @@ def test_real_model_tasks_answers_and_held_out_examples_never_trained_on():
     drawn = [next(stream) for _ in range(20000)]
     assert not prompts & {p for _, p, _ in drawn}  # the add task alone repeats held-out prompts often: none gets through
     assert [t for t, _, _ in drawn[:8]] == list(rm.TASKS) * 2  # the tasks in turn (a held-out prompt drawn is skipped)
+
+
+def test_the_toy_base_starts_with_unit_scale_embeddings_and_caches_under_its_scale(tmp_path):
+    # the toy's base: embeddings N(0, emb_std) (default 1, PyTorch's nn.Embedding default), matrices N(0, 0.02)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    for emb in (model.tok_emb.weight, model.pos_emb.weight):  # 33 x 64 and 12 x 64 draws: sd within 10 %
+        assert 0.9 < emb.std().item() < 1.1 and abs(emb.mean().item()) < 0.1
+    assert 0.018 < model.layers[0].attn.q_proj.weight.std().item() < 0.022
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, emb_std=0.02))
+    assert 0.018 < small.tok_emb.weight.std().item() < 0.022
+    # a base cached under one embedding scale is never loaded for the other: the key differs
+    args = train.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    (path_unit, key_unit), (path_small, key_small) = train.base_cache(args, model.cfg), train.base_cache(args, small.cfg)
+    assert path_unit != path_small
+    torch.save({"key": key_small, "model": small.state_dict()}, path_unit)  # same shapes, other scale
+    assert "other settings" in train.load_base(model, path_unit, key_unit)
+
+
+def test_toy_profile_rebuilds_the_initialisation_and_its_shares_add_up(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import toy_profile
+    cfg = train.toy_config()
+    torch.manual_seed(3)
+    fresh = GPT(cfg)  # as train.pretrained_base builds a base of --base-seed 3 before pretraining
+    assert all(v == 0 for row in toy_profile.weight_change(fresh, cfg, 3) for v in row)
+    moved = toy_profile.weight_change(fresh, cfg, 4)  # another seed's initialisation: about sqrt(2) apart
+    assert all(1.3 < v < 1.5 for row in moved for v in row), moved
+    monkeypatch.setattr(sys, "argv", ["toy_profile.py", "--cache", str(tmp_path), "--pretrain-steps", "3",
+                                      "--sens-batches", "1", "--batch-size", "8", "--device", "cpu"])
+    toy_profile.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d ", line)]
+    assert [r[0] for r in rows] == [str(i) for i in range(cfg.n_layer)]
+    for task in range(len(data.TASKS)):  # each task's shares, rounded to whole %, add up to about 100
+        assert 97 <= sum(int(r[1 + task]) for r in rows) <= 103
