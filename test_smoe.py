@@ -1423,14 +1423,14 @@ def expert_params(n, r=8, d=GPTConfig.n_embd):
 @pytest.mark.parametrize("argv,message", [
     (["--top-k", "5"], "--top-k 5 is more than the largest expert count the sensitivity allocation can give (4, one per task at most)"),
     (["--alloc", "random", "--budget", "2", "--top-k", "3"], "the random allocation can give (2, the budget)"),
-    (["--alloc", "uniform", "--budget", "32", "--top-k", "3"], "the uniform allocation can give (2)"),  # 32 / 16 matrices
-    (["--alloc", "mola", "--top-k", "3"], "the mola allocation can give (2)"),  # 0, 1, 1, 2 by layer (allocate_mola's docstring)
+    (["--alloc", "uniform", "--budget", "64", "--top-k", "3"], "the uniform allocation can give (2)"),  # 64 / 32 matrices
+    (["--alloc", "mola", "--top-k", "3"], "the mola allocation can give (2)"),  # 0, 0, 1, 1, 1, 1, 2, 2 by layer (allocate_mola's quarters)
     (["--alloc", "alpha", "--budget", "2", "--top-k", "3"], "the alpha allocation can give (2, the budget)"),
     (["--resume"], "--resume: there is no checkpoint"),
-    (["--alloc", "uniform", "--budget", "100000"], f"would train {16 * expert_params(6250):,} parameters, more than the base "
-                                                   "model's 202,368; use a smaller --budget or --rank, or add --allow-large"),
-    (["--alloc", "uniform", "--budget", "192"], f"would train {16 * expert_params(12):,} parameters"),
-    (["--rank", "100"], f"--budget 16 at --rank 100 would train up to {16 * expert_params(2, r=100) // 2:,} parameters"),
+    (["--alloc", "uniform", "--budget", "100000"], f"would train {32 * expert_params(3125):,} parameters, more than the base "
+                                                   "model's 400,000; use a smaller --budget or --rank, or add --allow-large"),
+    (["--alloc", "uniform", "--budget", "384"], f"would train {32 * expert_params(12):,} parameters"),
+    (["--rank", "100"], f"--budget 32 at --rank 100 would train up to {32 * expert_params(2, r=100) // 2:,} parameters"),
 ])
 def test_a_refused_run_creates_nothing(argv, message, tmp_path):
     out = tmp_path / "out"
@@ -1442,11 +1442,11 @@ def test_a_refused_run_creates_nothing(argv, message, tmp_path):
 
 def test_the_parameter_cap_is_the_base_size_and_can_be_lifted(tmp_path):
     n_base = sum(p.numel() for p in GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)).parameters())
-    V, T, C, L = len(data.VOCAB), data.BLOCK_SIZE, 64, 4  # embeddings, L x (12 C^2 weights + 2 LayerNorms), ln_f, head
-    assert n_base == V * C + T * C + L * (12 * C * C + 4 * C) + 2 * C + V * C == 202_368
-    assert 16 * expert_params(11) <= n_base < 16 * expert_params(12)
+    V, T, C, L = len(data.VOCAB), data.BLOCK_SIZE, 64, 8  # embeddings, L x (12 C^2 weights + 2 LayerNorms), ln_f, head
+    assert n_base == V * C + T * C + L * (12 * C * C + 4 * C) + 2 * C + V * C == 400_000
+    assert 32 * expert_params(11) <= n_base < 32 * expert_params(12)
     out = str(tmp_path / "out")
-    assert train.parse_args(["--alloc", "uniform", "--budget", "176", "--out", out]).budget == 176  # 11 per matrix
+    assert train.parse_args(["--alloc", "uniform", "--budget", "352", "--out", out]).budget == 352  # 11 per matrix
     assert train.parse_args(["--alloc", "uniform", "--budget", "100000", "--allow-large", "--out", out]).allow_large
     assert not os.path.exists(out)  # parse_args checks folders; the run creates them when it first writes
 
@@ -1906,9 +1906,9 @@ def test_allocation_file_and_task_subset_drive_the_run(reference, tmp_path, monk
 @pytest.mark.parametrize("text,argv,message", [
     ("{not json", [], "is not valid JSON (Expecting property name enclosed in double quotes, line 1 column 2)"),
     ("[1, 2]", [], "must hold a JSON object {module name: expert count}, not [1, 2]"),
-    ('{"layers.9.attn.q_proj": 1}', [], "names 'layers.9.attn.q_proj', not a candidate matrix; the 16 candidates"),
-    ('{"layers.0.mlp.up_proj": 1}', [], "not a candidate matrix; the 16 candidates (set by --targets) are "
-                                        "layers.0.attn.q_proj, layers.0.attn.k_proj, layers.0.attn.v_proj, ..., layers.3.attn.o_proj"),
+    ('{"layers.9.attn.q_proj": 1}', [], "names 'layers.9.attn.q_proj', not a candidate matrix; the 32 candidates"),
+    ('{"layers.0.mlp.up_proj": 1}', [], "not a candidate matrix; the 32 candidates (set by --targets) are "
+                                        "layers.0.attn.q_proj, layers.0.attn.k_proj, layers.0.attn.v_proj, ..., layers.7.attn.o_proj"),
     ('{"layers.0.attn.q_proj": -1}', [], "the count for 'layers.0.attn.q_proj' must be a whole number >= 0, got -1"),
     ('{"layers.0.attn.q_proj": 1.0}', [], "must be a whole number >= 0, got 1.0"),
     ('{"layers.0.attn.q_proj": true}', [], "must be a whole number >= 0, got true"),
@@ -2024,11 +2024,11 @@ def test_resume_under_torchrun_is_refused(monkeypatch, tmp_path):
 
 def test_only_the_vote_rules_are_capped_at_tasks_x_candidates(tmp_path):
     # votes give a matrix at most one expert per task; uniform, mola and alpha have no such cap
-    args = train.parse_args(["--tasks", "add", "--alloc", "uniform", "--budget", "32", "--out", str(tmp_path)])
-    assert args.budget == 32
+    args = train.parse_args(["--tasks", "add", "--alloc", "uniform", "--budget", "64", "--out", str(tmp_path)])
+    assert args.budget == 64
     for rule in ("sensitivity", "random"):
-        with pytest.raises(SystemExit, match="--budget must be from 1 to 16"):
-            train.parse_args(["--tasks", "add", "--alloc", rule, "--budget", "32", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match="--budget must be from 1 to 32"):
+            train.parse_args(["--tasks", "add", "--alloc", rule, "--budget", "64", "--out", str(tmp_path)])
 
 
 def test_hf_model_py_says_what_to_do_when_a_model_cannot_be_had(hf, tmp_path, monkeypatch):
