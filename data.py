@@ -30,7 +30,7 @@ The principle, fixed before any allocation rule was compared: the toy is an inst
    meet the target: embeddings at unit scale (smoe.GPTConfig.emb_std, PyTorch's default), so the
    stream starts at the size the layers write, as in the middle of a deep model; and 8 layers
    instead of 4, since the score of a pre-LayerNorm model falls off over the first few layers
-   whatever its depth (4 layers at unit scale: 44 to 73 % in the largest layer; 6: 45 %; 8: 27 %
+   whatever its depth (4 layers at unit scale: 45 to 73 % in the largest layer; 6: 45 %; 8: 27 %
    at the default base seed, 40 and 38 % at base seeds 1 and 2; README, "The toy's base").
 The answer of add comes least significant digit first, as the carry flows: each answer digit then
 depends on the inputs and the carry of the digits before it, which a left-to-right decoder has
