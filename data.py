@@ -1,5 +1,5 @@
 """
-A tiny synthetic, character-level multi-task dataset.
+A tiny synthetic, character-level multi-task dataset, and how a model is scored on it.
 
 Every example is one line: a task tag, the input, "=", the answer, ".".
 
@@ -8,45 +8,19 @@ Every example is one line: a task tag, the input, "=", the answer, ".".
     Hbdaf=cebg.     shift     each letter to the next one in the alphabet (j wraps to a)
     A27+48=570.     add       the sum of two numbers below 100, least significant digit first (075)
 
-The principle, fixed before any allocation rule was compared: the toy is an instrument, so
-1. each task needs a different part of the network, so that where the experts go can matter:
-   reverse needs a new attention pattern (the position mirrored), sort compares content across
-   the line (attention by content), shift remaps every token on its own (a token mapping: value,
-   output or MLP matrices), and add needs arithmetic (a digit-sum table in the MLP, with the
-   digits brought together by attention and the carry passed on);
-2. every task is learned reliably at train.py's defaults, whatever the seed, so that a
-   difference between rules is not luck on one task (measured: experiments/README.md, "The toy");
-3. the base model knows what a pretrained language model would (the alphabet, the digits, the
-   line format, and adding a digit to a number) but none of the four tasks;
-4. like a pretrained language model, the base has every layer trained and its sensitivity is not
-   all in one layer, since the method reads exactly that: judged by each task's raw Fisher per layer
-   at train.py's defaults (target: no layer above 40 %; SmolLM2-135M's largest is 31 %) and by each
-   layer's weight change from its initialisation (experiments/toy_profile.py prints both).
-   With GPT-2's embedding scale (std 0.02) and 4 layers, pretraining trained every layer (each
-   matrix moved 1.1 to 3.3 times its initial norm) yet put 89 to 94 % of every task's Fisher in
-   layer 0: the embedding entered the residual stream at a norm of 0.5 and layer 0 raised it to 4,
-   so the LayerNorms after layer 0 magnified its gradients. More pretraining tasks, longer
-   pretraining or weight decay left that unchanged. Two changes, both toward a pretrained model,
-   meet the target: embeddings at unit scale (smoe.GPTConfig.emb_std, PyTorch's default), so the
-   stream starts at the size the layers write, as in the middle of a deep model; and 8 layers
-   instead of 4, since the score of a pre-LayerNorm model falls off over the first few layers
-   whatever its depth (4 layers at unit scale: 45 to 73 % in the largest layer; 6: 45 %; 8: 27 %
-   at the default base, 34 % when pretrained on two threads, 38 to 50 % at base seeds 1 to 4:
-   the target holds at the defaults, not on every base; README, "The toy's base").
-The answer of add comes least significant digit first, as the carry flows: each answer digit then
-depends on the inputs and the carry of the digits before it, which a left-to-right decoder has
-already seen. Written most significant digit first, the first digit needs the whole sum at once
-and add was learned in some runs and not in others (experiments/README.md, the toy's history).
-The loss covers only the answer (after "="); prompt and padding targets are -1.
+The toy is an instrument for where experts go, so each task needs a different part of the network:
+reverse a new attention pattern (the position mirrored), sort attention by content, shift a mapping
+of each token on its own, add a digit-sum table with the carry passed on. add's answer comes least
+significant digit first, as the carry flows, so that each digit depends only on what the decoder
+has already seen.
 
-Pretraining uses two other tasks: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums of a digit,
-or of a two-digit number, and a digit, also least significant digit first ("F7+8=51.",
-"F27+8=53."). So the base can add a digit and carry once, but has never added two two-digit
-numbers, reversed, sorted or shifted anything.
+The base model (train.py pretrains it) learns two other tasks, which teach it the alphabet, the
+digits and the line format, but none of the four: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums
+of a digit, or of a two-digit number and a digit ("F7+8=51.", "F27+8=53.").
 
-Held-out evaluation: an input whose CRC-32 is divisible by 10 is held out from all
-training, pretraining included, whatever the task; evaluation draws only from those.
-Everything is deterministic given a seed (random.Random(seed)).
+The loss covers only the answer (after "="); prompt and padding targets are -1. An input whose
+CRC-32 is divisible by 10 is held out from all training, pretraining included; evaluation draws
+only from those. Everything is deterministic given a seed (random.Random(seed)).
 """
 
 import functools
@@ -55,6 +29,7 @@ import random
 import zlib
 
 import torch
+import torch.nn.functional as F
 
 LETTERS = "abcdefghij"  # 10 letters keep sort and shift learnable by a tiny model in a minute of CPU
 DIGITS = "0123456789"
@@ -153,3 +128,46 @@ def heldout_size(task):
 
 def decode(ids):
     return "".join(VOCAB[i] for i in ids)
+
+# -----------------------------------------------------------------------------
+# Scoring a model (model(x) -> (logits (b, L, V), loss), as smoe.GPT)
+
+
+def example_losses(model, batch):
+    """(b,) each line's mean cross-entropy over its answer tokens: the per-example loss l(x) whose
+    gradients the sensitivity squares. y is already shifted: y[l] is the token after x[l]."""
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batch)
+    logits, _ = model(x)                                                                        # (b, L, V)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (b, L), 0 off the answer
+    return ce.sum(dim=1) / (y != -1).sum(dim=1)
+
+
+@torch.no_grad()
+def generate(model, prompts, n_new):
+    """Greedy decoding: each prompt continued by n_new characters (fewer where the block ends)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    buf = torch.full((len(prompts), BLOCK_SIZE + 1), STOI[PAD], dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        buf[i, :len(prompt)] = torch.tensor([STOI[c] for c in prompt])
+    pos = torch.tensor([len(p) for p in prompts], device=device)  # the next position to write, per prompt
+    rows = torch.arange(len(prompts), device=device)
+    for _ in range(n_new):  # right padding is harmless: causal attention never looks past a position
+        logits, _ = model(buf[:, :BLOCK_SIZE])                    # (b, L, V)
+        buf[rows, pos] = logits[rows, pos - 1].argmax(dim=-1)
+        pos = (pos + 1).clamp(max=BLOCK_SIZE)
+    model.train(was_training)
+    return [decode(row[len(p):len(p) + n_new]) for row, p in zip(buf.tolist(), prompts)]
+
+
+def answers(model, eval_sets):
+    """{task: [the model's greedy answer to each prompt, as long as the expected one]} for {task: [(prompt, answer)]}."""
+    return {task: [g[:len(a)] for g, (_, a) in zip(generate(model, [p for p, _ in pairs], max(len(a) for _, a in pairs)), pairs)]
+            for task, pairs in eval_sets.items()}
+
+
+def exact_match(got, eval_sets):
+    """{task: share of answers equal to the expected ones, the final "." included}."""
+    return {task: sum(g == a for g, (_, a) in zip(got[task], pairs)) / len(pairs) for task, pairs in eval_sets.items()}
