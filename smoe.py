@@ -264,7 +264,7 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
 def layer_name(name):
     """The layer a module is in: its name up to the last all-digit part ("layers.3.attn.q_proj" -> "layers.3")."""
     parts = name.split(".")
-    return ".".join(parts[:max(i for i, p in enumerate(parts) if p.isdigit()) + 1])
+    return ".".join(parts[:max((i for i, p in enumerate(parts) if p.isdigit()), default=len(parts) - 1) + 1])
 
 
 def normalise_per_layer(sensitivity):
@@ -332,16 +332,22 @@ def candidate_names(model, targets):
 def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
     """Freeze the model and replace each module of {name: experts} with count >= 1 by a LoRAMoELinear
     (count 0: no adapter). Returns the model. The module must be called by its parent, self.proj(x):
-    a parent that reads proj.weight itself (nn.MultiheadAttention's out_proj) never runs the adapter."""
+    nn.MultiheadAttention reads its out_proj's weight itself, so an adapter there would never run."""
     model.requires_grad_(False)
     for name, n in allocation.items():
         if n > 0:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            if not isinstance(getattr(parent, child), nn.Linear):
-                raise TypeError(f"{name} is a {type(getattr(parent, child)).__name__}, not an nn.Linear")
+            if not isinstance(getattr(parent, child), nn.Linear) or isinstance(parent, nn.MultiheadAttention):
+                raise TypeError(f"{name} is a {type(getattr(parent, child)).__name__}, not an nn.Linear that its parent calls")
             setattr(parent, child, LoRAMoELinear(getattr(parent, child), n, r, lora_alpha, top_k))
+            if isinstance(parent, nn.TransformerEncoderLayer):  # its fused inference path reads linear1/2.weight itself;
+                getattr(parent, child).register_forward_pre_hook(no_op)  # a submodule with a hook turns that path off
     return model
+
+
+def no_op(module, args):
+    return None
 
 # -----------------------------------------------------------------------------
 # 6. The adapter's state: plain data for torch.save and torch.load(..., weights_only=True)

@@ -91,6 +91,14 @@ p.add_argument("--resume", action="store_true", help="continue the run in --out 
 p.add_argument("--evaluate", action="store_true", help="train nothing: print the finished run's held-out table again")
 p.add_argument("--prompt", action="append", metavar="TEXT", help="train nothing: the finished run's answer to TEXT, e.g. A12+34=")
 args = p.parse_args()
+if args.allocation:
+    try:
+        with open(args.allocation) as f:
+            args.allocation = json.load(f)
+    except (OSError, ValueError) as e:
+        p.error(f"--allocation: {e}")
+    if not isinstance(args.allocation, dict) or not all(isinstance(n, int) and n >= 0 for n in args.allocation.values()):
+        p.error("--allocation: expected a JSON object {matrix name: whole number of experts >= 0}")
 ckpt_path, ckpt = os.path.join(args.out, "checkpoint.pt"), None
 if args.resume:  # the run's own settings; a flag given again must agree with them
     if not os.path.isfile(ckpt_path):
@@ -103,14 +111,6 @@ if args.resume:  # the run's own settings; a flag given again must agree with th
         if getattr(args, k) not in (p.get_default(k), v):
             p.error(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's {v}")
         setattr(args, k, v)
-if args.allocation:
-    try:
-        with open(args.allocation) as f:
-            args.allocation = json.load(f)
-    except (OSError, ValueError) as e:
-        p.error(f"--allocation: {e}")
-    if not isinstance(args.allocation, dict) or not all(isinstance(n, int) and n >= 0 for n in args.allocation.values()):
-        p.error("--allocation: expected a JSON object {matrix name: whole number of experts >= 0}")
 for prompt in args.prompt or []:
     if not prompt.endswith("=") or len(prompt) >= data.BLOCK_SIZE or set(prompt) - set(data.VOCAB):
         p.error(f"--prompt {prompt!r}: expected a line up to its '=', like A12+34=, in the toy's characters")
