@@ -31,18 +31,16 @@ import statistics
 import sys
 import time
 import warnings
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smoe.py, data.py, train.py
-import data
-from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_moe, candidate_names,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smoe.py, data.py
+import data  # noqa: E402
+from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_moe, candidate_names,  # noqa: E402
                   compute_sensitivity, moe_aux_loss)
-from train import allocation_table, check_device, example_losses, number, to_device
 
 # train.py's defaults, the setting the step and sensitivity measurements describe
 RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 3e-3, 64, 4, 2500
@@ -112,7 +110,7 @@ def naive_lora_moe(layer, x):
     """LoRAMoELinear's output computed the way common LoRA-MoE code does it [3]: route with the
     layer's router and top-k, then for each expert gather the tokens routed to it, run its A then
     its B, scale by the gate and add the result back at those tokens with index_add."""
-    xs = x.reshape(-1, layer.in_features)                           # (N, C)
+    xs = x.reshape(-1, x.shape[-1])                                 # (N, C)
     y = layer.base(xs)                                              # (N, out)
     logits = layer.router(xs)                                       # (N, E)
     top_logits, top_idx = logits.topk(layer.top_k, dim=-1)          # (N, k)
@@ -126,7 +124,7 @@ def naive_lora_moe(layer, x):
         h = xs[token] @ layer.lora_A[i].t()                         # (n_i, r)
         out = (h @ layer.lora_B[i].t()) * (layer.scaling * gates[token, slot, None])  # (n_i, out)
         delta.index_add_(0, token, out.to(delta.dtype))
-    return (y + delta).view(*x.shape[:-1], layer.out_features)
+    return (y + delta).view(*x.shape[:-1], -1)
 
 
 def check_naive_equals_layer(layer, x, grad):
@@ -143,7 +141,7 @@ def check_naive_equals_layer(layer, x, grad):
     for name, a, b in zip(("output", "input grad", "lora_A grad", "lora_B grad", "router grad"), *results):
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()):
             sys.exit(f"bench.py: the naive loop's {name} differs from LoRAMoELinear's by "
-                     f"{(a - b).abs().max().item():.3e} at d={layer.in_features}, E={layer.num_experts}, "
+                     f"{(a - b).abs().max().item():.3e} at d={layer.base.in_features}, E={layer.num_experts}, "
                      f"k={layer.top_k}, r={layer.r}; the comparison would not be fair")
 
 
@@ -268,7 +266,7 @@ def sensitivity_allocation(cfg, device, seed):
     def phase():
         rng = random.Random(f"sensitivity-{seed}")
         task_batches = {t: [data.get_batch([t], BATCH_SIZE, rng) for _ in range(SENS_BATCHES)] for t in data.TASKS}
-        return compute_sensitivity(model, task_batches, partial(example_losses, device=device), names)  # as train.py
+        return compute_sensitivity(model, task_batches, data.example_losses, names)  # as train.py
     return names, phase
 
 
@@ -313,7 +311,7 @@ def bench_sensitivity(args, device, ctx, phase, smoe_model, smoe_optimizer):
 
     def finetune_step():  # as train.py's loop: sample a batch, move it, step
         x, y = data.get_batch(tasks, BATCH_SIZE, rng)
-        train_step(smoe_model, smoe_optimizer, (to_device(x, device), to_device(y, device)), ctx)
+        train_step(smoe_model, smoe_optimizer, (x.to(device), y.to(device)), ctx)
 
     seconds = time_side_by_side({"sensitivity": phase, "step": finetune_step}, args.sens_rounds, device,
                                 desc="sensitivity vs fine-tuning", min_seconds=0.5)
@@ -348,7 +346,9 @@ def main(args):
         allocation = {name: args.allocation.get(name, 0) for name in names}
         source = f"read from {args.allocation_path}"
     tqdm.write(f"\nallocation timed in 2 and 3, {source}:")
-    tqdm.write(allocation_table(allocation, cfg.n_layer, TARGETS))
+    tqdm.write("layer " + " ".join(f"{t:>6}" for t in TARGETS))  # experts per matrix, one row per layer
+    for i in range(cfg.n_layer):
+        tqdm.write(f"{i:>5} " + " ".join(f"{allocation[f'layers.{i}.attn.{t}']:>6}" for t in TARGETS))
     step_seconds, step_memory, (smoe_model, smoe_optimizer) = bench_step(args, device, ctx, cfg, names, allocation)
     fraction = bench_sensitivity(args, device, ctx, phase, smoe_model, smoe_optimizer)
 
@@ -373,41 +373,34 @@ def main(args):
 # -----------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.exit(f"bench.py: error: {message}")
-
-
 def parse_args(argv=None):
-    p = Parser(description="LoRA-SMoE against plain LoRA: the layer, a fine-tuning step, the sensitivity phase.")
+    p = argparse.ArgumentParser(prog="bench.py", description="LoRA-SMoE against plain LoRA: the layer, a fine-tuning step, "
+                                "the sensitivity phase.")
     p.add_argument("--quick", action="store_true", help="d in {128, 512}, r = 8 and fewer rounds: checks that everything runs")
-    p.add_argument("--tokens", type=number(int, 1), default=4096, help="tokens N per layer call, e.g. a batch of 8 x 512 (default 4096)")
-    p.add_argument("--rounds", type=number(int, 1), default=7, help="timing rounds per layer candidate; the median is reported (default 7)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens N per layer call, e.g. a batch of 8 x 512 (default 4096)")
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds per layer candidate; the median is reported (default 7)")
     p.add_argument("--allocation", default=None,
                    help="an allocation.json written by train.py to time instead of computing one on a random base")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on CUDA, float32 elsewhere, as in train.py (the equality check runs in float32)")
+                   help="auto: bf16 autocast on CUDA, float32 elsewhere (the equality check runs in float32)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the base weights and the data (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base weights and the data (default 0)")
     args = p.parse_args(argv)
     args.dims, args.ranks = ((128, 512), (8,)) if args.quick else ((128, 512, 1024), (4, 8))
     args.rounds = min(args.rounds, 3) if args.quick else args.rounds
     args.step_rounds, args.sens_rounds = (5, 3) if args.quick else (15, 5)
-    device = check_device(p, args, types=("cpu", "cuda"))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     args.allocation_path = args.allocation
     if args.allocation is not None:
-        try:
-            with open(args.allocation) as f:
-                args.allocation = json.load(f)
-            if not isinstance(args.allocation, dict):
-                raise ValueError("is not a JSON object {module name: experts}")
-            model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
-            unknown = sorted(set(args.allocation) - set(candidate_names(model, TARGETS)))
-            if unknown:
-                raise ValueError(f"names {', '.join(unknown)}, not one of {', '.join(TARGETS)} in a layer of the tiny GPT")
-            apply_lora_moe(model, args.allocation)  # raises on counts that are not whole numbers >= 0
-        except (OSError, ValueError) as e:
-            p.error(f"--allocation {args.allocation_path}: {e.strerror if isinstance(e, OSError) else e}")
+        with open(args.allocation) as f:
+            args.allocation = json.load(f)
+        names = candidate_names(GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)), TARGETS)
+        unknown = sorted(set(args.allocation) - set(names))
+        if unknown:
+            p.error(f"--allocation {args.allocation_path}: {', '.join(unknown)} are not {', '.join(TARGETS)} of the tiny GPT")
     return args
 
 

