@@ -1038,9 +1038,10 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     assert set(results["routing"]) == {n for n, c in allocation.items() if c > 2}  # top-2: layers with 3 or more experts
     for shares in results["routing"].values():
         assert sum(shares) == pytest.approx(1.0)
-    # parameters by hand: each expert A and B, r (64 + 64); a router 64 x E where E > 1; the base 400,000
+    # parameters by hand: each expert A and B, r (64 + 64); a router 64 x E where E > 1; the base as built
     by_hand = sum(n * 8 * 128 + (64 * n if n > 1 else 0) for n in allocation.values())
-    assert results["parameters"] == {"total": 400_000 + by_hand, "trainable": by_hand, "plain_lora": 32 * 8 * 128}
+    base = sum(p.numel() for p in GPT(GPTConfig(**results["model_config"])).parameters())
+    assert results["parameters"] == {"total": base + by_hand, "trainable": by_hand, "plain_lora": 16 * 8 * 128}
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 40
     state = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)
     assert state["allocation"] == allocation and state["lora"] == {"r": 8, "lora_alpha": 16.0, "top_k": 2}
@@ -1051,7 +1052,7 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     rng = random.Random("sensitivity-0-0")
     batches = {t: [data.get_batch([t], 8, rng)] for t in data.TASKS}
     assert_scores_close(results["sensitivity"], compute_sensitivity(model, batches, data.example_losses,
-                                                                    candidate_names(model, TARGETS)))
+                                                                    candidate_names(model, results["config"]["targets"])))
 
 
 def test_same_seed_gives_the_same_run_even_when_stopped_by_sigint_and_resumed(reference, tmp_path):
@@ -1147,9 +1148,9 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "0"], "argument --budget: expected a whole number >= 1, got '0'"),
     (["--budget", "sixteen"], "argument --budget: expected a whole number >= 1, got 'sixteen'"),
-    (["--budget", "129"], "--budget: at most tasks x candidate matrices = 4 x 32 = 128, got 129"),
-    (["--tasks", "add", "--budget", "33"], "--budget: at most tasks x candidate matrices = 1 x 32 = 32, got 33"),
-    (["--alloc", "uniform", "--budget", "40"], "--budget: a uniform allocation needs a multiple of the 32 candidate matrices, got 40"),
+    (["--budget", "65"], "--budget: at most tasks x candidate matrices = 4 x 16 = 64, got 65"),
+    (["--tasks", "add", "--budget", "17"], "--budget: at most tasks x candidate matrices = 1 x 16 = 16, got 17"),
+    (["--alloc", "uniform", "--budget", "40"], "--budget: a uniform allocation needs a multiple of the 16 candidate matrices, got 40"),
     (["--alloc", "greedy"], "argument --alloc: invalid choice: 'greedy' (choose from "),  # the list's quotes vary with Python
     (["--tasks", "reverse,copy"], "argument --tasks: expected names from reverse,sort,shift,add, got 'reverse,copy'"),
     (["--targets", "q_proj,x_proj"], "argument --targets: expected names from q_proj,k_proj,v_proj,o_proj,up_proj,down_proj, "
@@ -1165,7 +1166,7 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
     (["--allocation", "no experts"], "the allocation spends no experts: nothing would train"),
     (["--allocation", "7 experts", "--budget", "16"], "--budget 16 differs from the 7 experts of --allocation"),
     (["--resume"], "--resume: {tmp}/out/checkpoint.pt does not exist"),
-    (["--resume", "--out", "{ref}", "--lr", "0.001"], "--resume: --lr 0.001 differs from the checkpoint's 0.003"),
+    (["--resume", "--out", "{ref}", "--lr", "0.001"], "--resume: --lr 0.001 differs from the checkpoint's 0.01"),
     (["--prompt", "A12+34"], "--prompt 'A12+34': expected a line up to its '=', like A12+34=, in the toy's characters"),
     (["--prompt", "Rxyz="], "--prompt 'Rxyz=': expected a line up to its '=', like A12+34=, in the toy's characters"),
     (["--evaluate"], "--out {tmp}/out holds no finished run to load ([Errno 2] No such file or directory: "
@@ -1212,7 +1213,7 @@ def test_train_py_under_torchrun_with_two_processes(reference, tmp_path):
         results = json.load(f)
     model = GPT(GPTConfig(**results["model_config"]))
     model.load_state_dict(torch.load(results["base"], weights_only=True)["model"])
-    names = candidate_names(model, TARGETS)
+    names = candidate_names(model, results["config"]["targets"])
     per_rank = []
     for r in range(2):  # rank r draws its batches from its own generator
         rng = random.Random(f"sensitivity-0-{r}")

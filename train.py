@@ -73,12 +73,12 @@ p.add_argument("--sens-batches", type=number(int, 1), default=4, help="batches p
 p.add_argument("--sens-norm", choices=("none", "layer"), default="none",
                help="layer: each score as a share of its task's total within its layer (default none)")
 p.add_argument("--tasks", type=names(data.TASKS), default=list(data.TASKS), help="comma-separated tasks (default all)")
-p.add_argument("--targets", type=names(MATRICES), default=["q_proj", "k_proj", "v_proj", "o_proj"],
-               help=f"comma-separated candidate matrices of every layer, from {','.join(MATRICES)} (default q,k,v,o)")
+p.add_argument("--targets", type=names(MATRICES), default=["q_proj", "v_proj"],
+               help=f"comma-separated candidate matrices of every layer, from {','.join(MATRICES)} (default q_proj,v_proj, PEFT's for Llama)")
 p.add_argument("--steps", type=number(int, 1), default=2500, help="fine-tuning steps (default 2500)")
 p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="pretraining steps of the base (default 2000)")
 p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per batch (default 64)")
-p.add_argument("--lr", type=number(float, 0, strict=True), default=3e-3, help="peak learning rate, cosine-decayed (default 3e-3)")
+p.add_argument("--lr", type=number(float, 0, strict=True), default=1e-2, help="peak learning rate, cosine-decayed (default 1e-2)")
 p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every N steps and at the end (default 1000)")
 p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task (default 200)")
 p.add_argument("--seed", type=number(int, 0), default=0, help="seed of sampling and adapter initialisation (default 0)")
