@@ -11,6 +11,10 @@ choice), the rules of the paper's regime:
   layer      LoRA-SMoE on per-layer shares of the same scores (normalise_per_layer)  budget 288
   random     the fisher counts shuffled over the matrices (a control)       budget 288
   mola, alpha  the peers' rules at 288 (not run by default, to keep the time; --rules adds them)
+and the matched comparisons of experiments/PROTOCOL.md, at budget 2M = 240 (--protocol runs them):
+  uniform2   uniform LoRA-MoE with 2 experts on every matrix                budget 2M = 240
+  smoe2      LoRA-SMoE, raw per-example Fisher                              budget 240
+  random2    the smoe2 counts shuffled over the matrices                    budget 240
 The sensitivity uses 4 batches of 16 examples per task, drawn by the seed from the task generator,
 once per seed (they feed only the allocation; a held-out prompt can be among them, about 1 of the
 64 add prompts). "experts" and "trainable" in the table are seed 0's: the vote rules' counts differ
@@ -34,6 +38,8 @@ Run (from the repository root; needs `pip install transformers gguf accelerate` 
   python experiments/real_model.py                         3 seeds, 2 jobs of 1 thread (CPU; time in README.md)
   python experiments/real_model.py --rules plain           the instrument check: plain LoRA alone
   python experiments/real_model.py --device cuda --seeds 0 1 2 3 4 --jobs 1
+  python experiments/real_model.py --protocol --device cuda --seeds 0 1 2 3 4 --jobs 1   (PROTOCOL.md's
+                      gate, P1, P2 and Holm on SmolLM2; the seeds are the units: one base)
 Writes out/real_model/results.json (every run: per-task accuracy, allocation, parameters, time;
 the sensitivity of every seed) at the end, and runs.json after each run.
 
@@ -59,11 +65,12 @@ import hf_model  # noqa: E402  (loading a Hugging Face model)
 from peers import allocate_alpha, allocate_mola, allocate_random  # noqa: E402
 from smoe import (allocate_experts, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,  # noqa: E402
                   layer_name, moe_aux_loss, normalise_per_layer)
-from stats import paired_interval, verdict  # noqa: E402
+from stats import decide, holm, paired_interval, spearman, t_test, verdict  # noqa: E402
 
 TASKS = ("reverse", "sort", "upper", "add")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-RULES = ("plain", "uniform", "fisher", "layer", "random", "mola", "alpha")
+RULES = ("plain", "uniform", "fisher", "layer", "random", "mola", "alpha", "uniform2", "smoe2", "random2")
+PROTOCOL_RULES = ("plain", "uniform", "uniform2", "smoe2", "random2")
 DEFAULT_RULES = ("plain", "uniform", "fisher", "layer", "random")
 SHARE = 0.6  # each task votes for its top 60 % of matrices: the released example allocation's budget
 
@@ -184,7 +191,7 @@ def allocations(base, tokenizer, names, args, seed, device):
     M, T = len(names), len(TASKS)
     budget = round(SHARE * M) * T
     sens = None
-    if {"fisher", "layer", "random"} & set(args.rules):
+    if {"fisher", "layer", "random", "smoe2", "random2"} & set(args.rules):
         rng = random.Random(f"sensitivity-{seed}")
         batches = {t: [encode(tokenizer, [example(t, rng) for _ in range(args.batch_size)], device)
                        for _ in range(args.sens_batches)] for t in TASKS}
@@ -205,6 +212,12 @@ def allocations(base, tokenizer, names, args, seed, device):
             rules[rule] = allocate_mola(names, budget)
         elif rule == "alpha":
             rules[rule] = allocate_alpha(base, names, budget)[0]
+        elif rule == "uniform2":
+            rules[rule] = allocate_uniform(names, 2 * M)
+        elif rule == "smoe2":
+            rules[rule] = allocate_experts(sens, 2 * M)
+        elif rule == "random2":
+            rules[rule] = allocate_random(allocate_experts(sens, 2 * M), seed)
     return rules, sens
 
 # -----------------------------------------------------------------------------
@@ -272,12 +285,36 @@ def report(results, rules, seeds):
     return "\n".join(lines + ["; ".join(verdicts)])
 
 
+def protocol_report(results, seeds, sensitivity):
+    """PROTOCOL.md on this model, the seeds as units: the gate, P1 and P2 with Holm, and how alike the tasks rank the matrices."""
+    lines = []
+    for seed, sens in sensitivity.items():
+        rhos = [spearman(list(sens[t].values()), list(sens[u].values())) for i, t in enumerate(TASKS) for u in TASKS[i + 1:]]
+        lines.append(f"seed {seed}: Spearman correlation of two tasks' sensitivity over the matrices, "
+                     f"{min(rhos):.2f} to {max(rhos):.2f} over the 6 pairs")
+    if not set(PROTOCOL_RULES) <= set(results) or len(seeds) < 2:
+        return "\n".join(lines)
+    diff = lambda a, b: [results[a][s]["mean"] - results[b][s]["mean"] for s in seeds]  # noqa: E731
+    gain, half, _ = t_test(diff("uniform", "plain"))
+    plain = sum(results["plain"][s]["mean"] for s in seeds) / len(seeds)
+    gate = gain >= 0.03 and gain - half > 0 and plain <= 0.95
+    lines.append(f"gate: uniform x4 - plain {gain:+.3f} [{gain - half:+.3f}, {gain + half:+.3f}], plain {plain:.3f}: "
+                 + ("passes" if gate else "fails: no verdict"))
+    tests = [t_test(diff("smoe2", "uniform2")), t_test(diff("smoe2", "random2"))]
+    adjusted = holm([t[2] for t in tests])
+    for name, (mean, half, p), p_holm in zip(("P1 smoe2 - uniform2", "P2 smoe2 - random2"), tests, adjusted):
+        lines.append(f"{name}: {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}], p {p:.3f}, Holm {p_holm:.3f}")
+    lines.append(f"verdict: {decide(gate, tests, adjusted)}")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="real_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=hf_model.SMOLLM2,
                    help=f"the base: {hf_model.SMOLLM2} (default, the package's GGUF file), a .gguf file, a folder or a hub name")
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(DEFAULT_RULES),
                    help=f"allocation rules to run (default: {' '.join(DEFAULT_RULES)})")
+    p.add_argument("--protocol", action="store_true", help=f"run PROTOCOL.md's rules ({' '.join(PROTOCOL_RULES)}) and report by it")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run (default 200)")
     p.add_argument("--batch-size", type=int, default=16, help="training examples per step, the tasks in turn (default 16)")
@@ -294,6 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--out", default="out/real_model", help="output folder (default out/real_model)")
     args = p.parse_args(argv)
+    if args.protocol:
+        args.rules = list(PROTOCOL_RULES)
     if args.jobs is None:
         args.jobs = 1 if args.device != "cpu" else min(os.cpu_count(), 8)
     return args, p
@@ -342,7 +381,7 @@ def main(argv=None):
                        + f" mean {result['mean']:.3f} ({result['seconds']:.0f} s)")
     bar.close()
 
-    table = report(results, args.rules, args.seeds)
+    table = report(results, args.rules, args.seeds) + "\n" + protocol_report(results, args.seeds, sensitivity)
     minutes = (time.time() - t0) / 60
     tqdm.write(table + f"\n{len(units)} runs in {minutes:.1f} min")
     out = {"model": args.model, "args": {k: v for k, v in vars(args).items()}, "tasks": TASKS, "candidates": names,

@@ -1,6 +1,6 @@
 """
 The statistics the comparisons report: the paired interval over seeds and its verdict (compare.py,
-real_model.py), and the Spearman rank correlation (compare.py's stability check).
+real_model.py), the Spearman rank correlation, and the paired t-test with Holm's correction (claim.py).
 
 The rule for "better", fixed before any run: for each seed, the difference in mean held-out exact
 match (rule minus reference) on the same base, data and seed; rule A is better than B when the
@@ -42,3 +42,39 @@ def spearman(a, b):
         order = sorted(v)
         return [order.index(x) + 1 + (order.count(x) - 1) / 2 for x in v]  # first rank of x, plus half its ties
     return statistics.correlation(ranks(a), ranks(b))
+
+
+def t_test(d):
+    """Mean of d, the half-width of its 95 % t interval, and the two-sided p-value of mean 0
+    (Student's t, len(d) - 1 degrees of freedom; the tail by Simpson's rule on the density)."""
+    n, mean = len(d), statistics.mean(d)
+    se = statistics.stdev(d) / math.sqrt(n)
+    if se == 0:
+        return mean, 0.0, 0.0 if mean else 1.0
+    t, df = abs(mean / se), n - 1
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = [c * (1 + (t * i / 2000) ** 2 / df) ** (-(df + 1) / 2) for i in range(2001)]
+    inner = t / 2000 / 3 * sum(f * (1 if i in (0, 2000) else 4 if i % 2 else 2) for i, f in enumerate(density))
+    return mean, T_975[df] * se, max(0.0, 1 - 2 * inner)
+
+
+def holm(p):
+    """Holm's step-down adjustment: the i-th smallest of m p-values times (m - i), never below an earlier one."""
+    order, adjusted, running = sorted(range(len(p)), key=lambda i: p[i]), [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def decide(gate_passed, tests, adjusted, delta=0.02):
+    """PROTOCOL.md's decision rule from the gate and the primary tests ((mean, half-width, p), Holm-adjusted p):
+    no verdict when the gate failed; supported when every primary difference is positive at adjusted
+    p < 0.05; refuted when one interval lies entirely below +delta; inconclusive otherwise."""
+    if not gate_passed:
+        return "no verdict"
+    if all(mean > 0 and p < 0.05 for (mean, _, _), p in zip(tests, adjusted)):
+        return "supported"
+    if any(mean + half < delta for mean, half, _ in tests):
+        return "refuted"
+    return "inconclusive"
