@@ -1042,6 +1042,8 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     by_hand = sum(n * 8 * 128 + (64 * n if n > 1 else 0) for n in allocation.values())
     base = sum(p.numel() for p in GPT(GPTConfig(**results["model_config"])).parameters())
     assert results["parameters"] == {"total": base + by_hand, "trainable": by_hand, "plain_lora": 16 * 8 * 128}
+    assert (f"to compare, plain LoRA: the same 16 experts spread evenly, 16,384 trainable parameters against these "
+            f"{by_hand:,}: python train.py --alloc uniform --budget 16") in proc.stdout
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 40
     state = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)
     assert state["allocation"] == allocation and state["lora"] == {"r": 8, "lora_alpha": 16.0, "top_k": 2}

@@ -370,6 +370,12 @@ with torch.no_grad():  # each router's share of the held-out tokens per expert: 
 if routing:
     say("   routing, share of held-out tokens per expert: " + "; ".join(
         f"{n.removeprefix('layers.').replace('.attn', '')} {' '.join(f'{s:.2f}' for s in shares)}" for n, shares in routing.items()))
+if not args.allocation and args.alloc == "sensitivity" and args.budget % M == 0:  # the same experts, spread evenly
+    E = args.budget // M
+    weights = [model.get_submodule(n).weight for n in candidates]  # (out, in): LoRA's A and B r (in + out), a router E x in
+    even = sum(E * args.rank * sum(w.shape) + (E * w.shape[1] if E > 1 else 0) for w in weights)
+    say(f"   to compare, {'plain LoRA' if E == 1 else f'uniform LoRA-MoE x{E}'}: the same {args.budget} experts spread evenly, "
+        f"{even:,} trainable parameters against these {parameters['trainable']:,}: python train.py --alloc uniform --budget {args.budget}")
 times["total"] = time.time() - t0
 say("   time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 if master:
