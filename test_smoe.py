@@ -1167,6 +1167,7 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
     (["--allocation", "unknown module"], "--allocation names layers.9.attn.q_proj, not one of the candidate matrices (--targets)"),
     (["--allocation", "no experts"], "the allocation spends no experts: nothing would train"),
     (["--allocation", "7 experts", "--budget", "16"], "--budget 16 differs from the 7 experts of --allocation"),
+    (["--cache", "/dev/null"], "--out or --cache: [Errno 17] File exists: '/dev/null'"),
     (["--resume"], "--resume: {tmp}/out/checkpoint.pt does not exist"),
     (["--resume", "--out", "{ref}", "--lr", "0.001"], "--resume: --lr 0.001 differs from the checkpoint's 0.01"),
     (["--prompt", "A12+34"], "--prompt 'A12+34': expected a line up to its '=', like A12+34=, in the toy's characters"),

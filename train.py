@@ -200,8 +200,11 @@ stop = []  # Ctrl-C or SIGTERM asks the loops to stop between steps; fine-tuning
 if not ddp:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.append(signum))
-os.makedirs(args.out, exist_ok=True)
-os.makedirs(cache, exist_ok=True)
+try:
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
+except OSError as e:
+    p.error(f"--out or --cache: {e}")
 t0 = time.time()
 times = {}
 

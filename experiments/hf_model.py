@@ -143,6 +143,13 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
 
 
 @torch.no_grad()
+def task_losses(model, task_batches):
+    """{task: mean causal-LM loss over its batches}, in eval mode: what fine-tuning lowers, task by task."""
+    model.eval()
+    return {task: sum(lm_loss(model, b).item() for b in batches) / len(batches) for task, batches in task_batches.items()}
+
+
+@torch.no_grad()
 def logits_of(model, batch):
     """(B, T, vocab) logits of one batch, in eval mode."""
     return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -188,8 +195,11 @@ def run(model, tokenizer, tasks, args):
     tqdm.write(f"parameters: {total:,} in all, {trainable:,} trainable ({100 * trainable / total:.3f} %); "
                f"wrapped model equals the base at initialisation: {torch.equal(wrapped_logits, base_logits)}")
 
+    before = task_losses(model, task_batches)
     history = train_adapter(model, task_batches, args.steps, args.lr, args.aux_coef)
-    tqdm.write(f"lm loss {history[0][0]:.4f} -> {history[-1][0]:.4f} over {args.steps} steps")
+    after = task_losses(model, task_batches)
+    tqdm.write(f"each task's causal-LM loss on its texts, before -> after {args.steps} steps: "
+               + ", ".join(f"{t} {before[t]:.3f} -> {after[t]:.3f}" for t in before))
     state = adapter_state(model)
     os.makedirs(args.out, exist_ok=True)
     torch.save(state, os.path.join(args.out, "adapter.pt"))
