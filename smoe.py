@@ -210,7 +210,7 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
     each output turns its gradient g and the kept x into per-example squared norms as the pass
     reaches it. Needs inputs with the batch first and examples that do not interact (true of
     transformers, not of batch norm). A matrix called more than once sums its calls' gradients
-    before squaring. Scores are float32; nothing is updated and the train/eval mode is restored.
+    before squaring. Scores are float32; nothing is updated, and the mode and requires_grad flags are restored.
     Example by hand, one matrix and one batch of two examples with weight gradients
     G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: (1 + 4 + 0 + 4) + 1 = 10.
     """
@@ -238,8 +238,8 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
         out.register_hook(lambda g: on_grad(name, i, g))
         return out
 
-    was_training = model.training
-    model.eval()
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)  # the probes alone carry the backward pass: no graph below the first candidate
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: on_forward(m, i, o, n)) for n, m in modules.items()]
     scores = {}
     try:
@@ -258,6 +258,8 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
         for h in hooks:
             h.remove()
         model.train(was_training)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     return scores
 
 
