@@ -1229,11 +1229,12 @@ def test_train_py_under_torchrun_with_two_processes(reference, tmp_path):
     torch.manual_seed(0)
     apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    lr = results["config"]["lr"]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rngs = [random.Random(f"finetune-0-{r}") for r in range(2)]
     for step in range(6):
         for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / 6))
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / 6))
         grads = []
         for rng in rngs:
             x, y = data.get_batch(list(data.TASKS), 8, rng)
