@@ -375,8 +375,8 @@ if routing:
         f"{n.removeprefix('layers.').replace('.attn', '')} {' '.join(f'{s:.2f}' for s in shares)}" for n, shares in routing.items()))
 if not args.allocation and args.alloc == "sensitivity" and args.budget % M == 0:  # the same experts, spread evenly
     E = args.budget // M
-    weights = [model.get_submodule(n).weight for n in candidates]  # (out, in): LoRA's A and B r (in + out), a router E x in
-    even = sum(E * args.rank * sum(w.shape) + (E * w.shape[1] if E > 1 else 0) for w in weights)
+    routers = E * sum(model.get_submodule(n).weight.shape[1] for n in candidates) if E > 1 else 0  # E x in per matrix
+    even = E * parameters["plain_lora"] + routers
     say(f"   to compare, {'plain LoRA' if E == 1 else f'uniform LoRA-MoE x{E}'}: the same {args.budget} experts spread evenly, "
         f"{even:,} trainable parameters against these {parameters['trainable']:,}: python train.py --alloc uniform --budget {args.budget}")
 times["total"] = time.time() - t0
