@@ -6,13 +6,13 @@ Every example is one line: a task tag, the input, "=", the answer, ".".
     Rbdaf=fadb.     reverse   the letters in reverse order
     Sbdaf=abdf.     sort      the letters in alphabetical order
     Hbdaf=cebg.     shift     each letter to the next one in the alphabet (j wraps to a)
-    A27+48=570.     add       the sum of two numbers below 100, least significant digit first (075)
+    A7+48=550.      add       a digit plus a number below 100, least significant digit first (055)
 
 The toy is an instrument for where experts go, so each task needs a different part of the network:
 reverse a new attention pattern (the position mirrored), sort attention by content, shift a mapping
-of each token on its own, add a digit-sum table with the carry passed on. add's answer comes least
-significant digit first, as the carry flows, so that each digit depends only on what the decoder
-has already seen.
+of each token on its own, add the base's digit sums read from new places (its operands are those of
+sums the other way round) with the carry passed on. add's answer comes least significant digit
+first, as the carry flows, so that each digit depends only on what the decoder has already seen.
 
 The base model (train.py pretrains it) learns two other tasks, which teach it the alphabet, the
 digits and the line format, but none of the four: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums
@@ -20,7 +20,8 @@ of a digit, or of a two-digit number and a digit ("F7+8=51.", "F27+8=53.").
 
 The loss covers only the answer (after "="); prompt and padding targets are -1. An input whose
 CRC-32 is divisible by 10 is held out from all training, pretraining included; evaluation draws
-only from those. Everything is deterministic given a seed (random.Random(seed)).
+only from those (add's 1,000 inputs hold out 88). Everything is deterministic given a seed
+(random.Random(seed)).
 """
 
 import functools
@@ -52,8 +53,10 @@ def is_heldout(inp):
 def random_input(task, rng):
     if task == "sums":  # a digit plus a digit, or a two-digit number plus a digit
         return f"{rng.randrange(10)}+{rng.randrange(10)}" if rng.random() < 0.5 else f"{rng.randrange(100):02d}+{rng.randrange(10)}"
-    if task == "add" or (task == "copy" and rng.random() < 0.25):
-        return f"{rng.randrange(100):02d}+{rng.randrange(100):02d}"  # fixed width keeps digits aligned
+    if task == "add":
+        return f"{rng.randrange(10)}+{rng.randrange(100):02d}"  # sums' operands the other way round
+    if task == "copy" and rng.random() < 0.25:
+        return f"{rng.randrange(100):02d}+{rng.randrange(100):02d}"
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
 
 
@@ -71,7 +74,7 @@ def answer(task, inp):
         return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in inp)
     if task == "add":
         a, b = inp.split("+")
-        return f"{int(a) + int(b):03d}"[::-1]  # least significant digit first: 27+48 = 075 -> "570"
+        return f"{int(a) + int(b):03d}"[::-1]  # least significant digit first: 7+48 = 055 -> "550"
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TAGS)}")
 
 
@@ -100,9 +103,9 @@ def get_batch(tasks, batch_size, rng, split="train"):
 
 
 def eval_set(task, n, seed=0):
-    """n distinct held-out (prompt, answer) pairs of `task`, the same for the same seed."""
+    """n distinct held-out (prompt, answer) pairs of `task` (all it has, if fewer), the same for the same seed."""
     rng, seen = random.Random(f"eval-{task}-{seed}"), {}
-    while len(seen) < n:
+    while len(seen) < min(n, heldout_size(task)):
         prompt, ans = sample(task, rng, "eval")
         seen[prompt] = ans
     return list(seen.items())
@@ -111,18 +114,16 @@ def eval_set(task, n, seed=0):
 @functools.lru_cache(maxsize=None)
 def heldout_size(task):
     """How many distinct held-out inputs `task` has: the most examples eval_set can return.
-    add has the fewest (its 10,000 inputs are counted at once); the letter tasks draw from the
+    add has the fewest (a digit plus a number below 100: 1,000 inputs); the letter tasks draw from the
     111,000 strings of 3 to 5 letters; copy draws from both kinds; sums from the 100 pairs of
     digits and the 1,000 pairs of a two-digit number and a digit."""
     if task not in TAGS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TAGS)}")
-    numbers = (f"{a:02d}+{b:02d}" for a in range(100) for b in range(100))
     words = ("".join(w) for n in range(MIN_LEN, MAX_LEN + 1) for w in itertools.product(LETTERS, repeat=n))
-    if task == "sums":
-        pairs = itertools.chain((f"{a}+{b}" for a in range(10) for b in range(10)),
-                                (f"{a:02d}+{b}" for a in range(100) for b in range(10)))
-        return sum(map(is_heldout, pairs))
-    inputs = numbers if task == "add" else itertools.chain(numbers, words) if task == "copy" else words
+    inputs = {"copy": itertools.chain((f"{a:02d}+{b:02d}" for a in range(100) for b in range(100)), words),
+              "sums": itertools.chain((f"{a}+{b}" for a in range(10) for b in range(10)),
+                                      (f"{a:02d}+{b}" for a in range(100) for b in range(10))),
+              "add": (f"{a}+{b:02d}" for a in range(10) for b in range(100))}.get(task, words)
     return sum(map(is_heldout, inputs))
 
 

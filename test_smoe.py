@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -881,6 +882,7 @@ def test_tasks_answer_correctly_and_heldout_inputs_never_train():
                 total, digits = int(a) + int(b), ans[:-1]  # least significant digit first: digit i is (total // 10^i) % 10
                 assert all(int(d) == total // 10 ** i % 10 for i, d in enumerate(digits)), (prompt, ans)
                 assert len(digits) == (3 if task == "add" else len(str(total)))
+                assert task == "sums" or (len(a), len(b)) == (1, 2)  # add: a digit plus a two-digit number
             elif task == "reverse":
                 assert [ans[i] for i in range(len(inp))] == [inp[len(inp) - 1 - i] for i in range(len(inp))]
             elif task == "shift":
@@ -890,6 +892,9 @@ def test_tasks_answer_correctly_and_heldout_inputs_never_train():
     pairs = data.eval_set("sort", 50, seed=3)
     assert pairs == data.eval_set("sort", 50, seed=3) and len(set(pairs)) == 50
     assert all(data.is_heldout(p[1:-1]) and a[:-1] == "".join(sorted(p[1:-1])) for p, a in pairs)
+    # add has 1,000 inputs, those whose CRC-32 is divisible by 10 held out; asked for more, eval_set gives them all
+    heldout = {f"A{a}+{b:02d}=" for a in range(10) for b in range(100) if zlib.crc32(f"{a}+{b:02d}".encode()) % 10 == 0}
+    assert len(heldout) == data.heldout_size("add") == 88 and {p for p, _ in data.eval_set("add", 200)} == heldout
 
 
 def test_targets_are_the_next_answer_characters_and_the_prompt_is_masked():
@@ -1038,11 +1043,12 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     assert set(results["routing"]) == {n for n, c in allocation.items() if c > 2}  # top-2: layers with 3 or more experts
     for shares in results["routing"].values():
         assert sum(shares) == pytest.approx(1.0)
-    # parameters by hand: each expert A and B, r (64 + 64); a router 64 x E where E > 1; the base as built
-    by_hand = sum(n * 8 * 128 + (64 * n if n > 1 else 0) for n in allocation.values())
+    # parameters by hand: each expert A and B, r (64 + 64) on v_proj (64 -> 64) and r (64 + 128) on up_proj
+    # (64 -> 128); a router 64 x E where E > 1; the base as built
+    by_hand = sum(n * 8 * (128 if name.endswith("v_proj") else 192) + (64 * n if n > 1 else 0) for name, n in allocation.items())
     base = sum(p.numel() for p in GPT(GPTConfig(**results["model_config"])).parameters())
-    assert results["parameters"] == {"total": base + by_hand, "trainable": by_hand, "plain_lora": 16 * 8 * 128}
-    assert (f"to compare, plain LoRA: the same 16 experts spread evenly, 16,384 trainable parameters against these "
+    assert results["parameters"] == {"total": base + by_hand, "trainable": by_hand, "plain_lora": 8 * (8 * 128 + 8 * 192)}
+    assert (f"to compare, plain LoRA: the same 16 experts spread evenly, 20,480 trainable parameters against these "
             f"{by_hand:,}: python train.py --alloc uniform --budget 16") in proc.stdout
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 40
     state = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)
@@ -1142,9 +1148,9 @@ def test_a_run_with_an_allocation_file_resumes(reference, from_file):
     assert_same_adapter(from_file["out"], reference["out"])
 
 
-ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '{"layers.0.attn.q_proj": 1.5}',
-                    "unknown module": '{"layers.9.attn.q_proj": 1}', "no experts": '{"layers.0.attn.q_proj": 0}',
-                    "7 experts": '{"layers.0.attn.q_proj": 3, "layers.1.attn.v_proj": 4}'}
+ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '{"layers.0.attn.v_proj": 1.5}',
+                    "unknown module": '{"layers.9.attn.q_proj": 1}', "no experts": '{"layers.0.attn.v_proj": 0}',
+                    "7 experts": '{"layers.0.attn.v_proj": 3, "layers.1.mlp.up_proj": 4}'}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1170,8 +1176,8 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
     (["--cache", "/dev/null"], "--out or --cache: [Errno 17] File exists: '/dev/null'"),
     (["--resume"], "--resume: {tmp}/out/checkpoint.pt does not exist"),
     (["--resume", "--out", "{ref}", "--lr", "0.001"], "--resume: --lr 0.001 differs from the checkpoint's 0.01"),
-    (["--prompt", "A12+34"], "--prompt 'A12+34': expected a line up to its '=', like A12+34=, in the toy's characters"),
-    (["--prompt", "Rxyz="], "--prompt 'Rxyz=': expected a line up to its '=', like A12+34=, in the toy's characters"),
+    (["--prompt", "A7+48"], "--prompt 'A7+48': expected a line up to its '=', like A7+48=, in the toy's characters"),
+    (["--prompt", "Rxyz="], "--prompt 'Rxyz=': expected a line up to its '=', like A7+48=, in the toy's characters"),
     (["--evaluate"], "--out {tmp}/out holds no finished run to load ([Errno 2] No such file or directory: "
                      "'{tmp}/out/results.json')"),
 ])

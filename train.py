@@ -5,7 +5,7 @@ LoRA-MoE layers, fine-tuning with loss = ce + aux_coef * aux, evaluation, saving
 
     python train.py --budget 16                             the whole run (python train.py --help)
     python train.py --out out --resume                      continue a stopped run from out/checkpoint.pt
-    python train.py --out out --prompt A12+34=              ask a finished run (--evaluate: its table again)
+    python train.py --out out --prompt A7+48=               ask a finished run (--evaluate: its table again)
     torchrun --nproc_per_node=2 train.py --budget 16        one process per device, as nanoGPT
 
 Writes to --out: allocation.json, results.json, adapter.pt and checkpoint.pt (every --checkpoint-every
@@ -32,7 +32,7 @@ from smoe import (GPT, GPTConfig, adapter_state, allocate_experts, allocate_unif
                   compute_sensitivity, load_adapter, moe_aux_loss, moe_layers, normalise_per_layer)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-PRETRAIN_BATCH, PRETRAIN_LR = 64, 1e-3
+PRETRAIN_BATCH, PRETRAIN_LR = 32, 1e-3
 
 
 def number(kind, low, strict=False):
@@ -73,14 +73,14 @@ p.add_argument("--sens-batches", type=number(int, 1), default=4, help="batches p
 p.add_argument("--sens-norm", choices=("none", "layer"), default="none",
                help="layer: each score as a share of its task's total within its layer (default none)")
 p.add_argument("--tasks", type=names(data.TASKS), default=list(data.TASKS), help="comma-separated tasks (default all)")
-p.add_argument("--targets", type=names(MATRICES), default=["q_proj", "v_proj"],
-               help=f"comma-separated candidate matrices of every layer, from {','.join(MATRICES)} (default q_proj,v_proj, PEFT's for Llama)")
-p.add_argument("--steps", type=number(int, 1), default=2500, help="fine-tuning steps (default 2500)")
+p.add_argument("--targets", type=names(MATRICES), default=["v_proj", "up_proj"],
+               help=f"comma-separated candidate matrices of every layer, from {','.join(MATRICES)} (default v_proj,up_proj)")
+p.add_argument("--steps", type=number(int, 1), default=1500, help="fine-tuning steps (default 1500)")
 p.add_argument("--pretrain-steps", type=number(int, 1), default=2000, help="pretraining steps of the base (default 2000)")
-p.add_argument("--batch-size", type=number(int, 1), default=64, help="examples per batch (default 64)")
+p.add_argument("--batch-size", type=number(int, 1), default=32, help="examples per batch (default 32)")
 p.add_argument("--lr", type=number(float, 0, strict=True), default=1e-2, help="peak learning rate, cosine-decayed (default 1e-2)")
-p.add_argument("--eval-every", type=number(int, 1), default=1000, help="evaluate every N steps and at the end (default 1000)")
-p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task (default 200)")
+p.add_argument("--eval-every", type=number(int, 1), default=500, help="evaluate every N steps and at the end (default 500)")
+p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task, at most all it has (default 200; add has 88)")
 p.add_argument("--seed", type=number(int, 0), default=0, help="seed of sampling and adapter initialisation (default 0)")
 p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base (default 0)")
 p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -89,7 +89,7 @@ p.add_argument("--cache", help="folder of the pretrained-base cache (default: --
 p.add_argument("--checkpoint-every", type=number(int, 1), default=500, help="steps between checkpoints (default 500)")
 p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its settings")
 p.add_argument("--evaluate", action="store_true", help="train nothing: print the finished run's held-out table again")
-p.add_argument("--prompt", action="append", metavar="TEXT", help="train nothing: the finished run's answer to TEXT, e.g. A12+34=")
+p.add_argument("--prompt", action="append", metavar="TEXT", help="train nothing: the finished run's answer to TEXT, e.g. A7+48=")
 args = p.parse_args()
 if args.allocation:
     try:
@@ -113,7 +113,7 @@ if args.resume:  # the run's own settings; a flag given again must agree with th
         setattr(args, k, v)
 for prompt in args.prompt or []:
     if not prompt.endswith("=") or len(prompt) >= data.BLOCK_SIZE or set(prompt) - set(data.VOCAB):
-        p.error(f"--prompt {prompt!r}: expected a line up to its '=', like A12+34=, in the toy's characters")
+        p.error(f"--prompt {prompt!r}: expected a line up to its '=', like A7+48=, in the toy's characters")
 cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
 M = cfg.n_layer * len(args.targets)  # candidate matrices
 if args.budget and not args.allocation and args.alloc == "sensitivity" and args.budget > len(args.tasks) * M:
@@ -135,7 +135,7 @@ rank = dist.get_rank() if ddp else 0
 master = rank == 0
 say = tqdm.write if master else lambda *a: None
 cache = args.cache or args.out
-base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps,
+base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps, "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
                        "data": [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(8)]})
 base_path = os.path.join(cache, f"base-{hashlib.sha1(base_key.encode()).hexdigest()[:12]}.pt")
 
@@ -359,7 +359,8 @@ times["fine-tune"] = time.time() - t1
 
 answers = data.answers(model, eval_sets)
 acc = data.exact_match(answers, eval_sets)
-say(f"6. held-out exact match, {args.eval_examples} examples per task, greedy decoding:")
+fewer = ", ".join(f"{t} {len(pairs)}" for t, pairs in eval_sets.items() if len(pairs) < args.eval_examples)
+say(f"6. held-out exact match, {args.eval_examples} examples per task{f' (all there are: {fewer})' if fewer else ''}, greedy decoding:")
 say(f"   {'task':<8} {'base':>5} {'tuned':>6}   an example: prompt, expected, tuned answer")
 for t, pairs in eval_sets.items():
     say(f"   {t:<8} {base_acc[t]:>5.2f} {acc[t]:>6.2f}   {pairs[0][0]} {pairs[0][1]} {answers[t][0]}")

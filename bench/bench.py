@@ -8,7 +8,7 @@ of its rounds, so that machine noise hits them all alike.
                   naive per-expert loop of common LoRA-MoE code (checked equal to the layer first)
   2. step         one fine-tuning step of train.py's tiny GPT (forward, ce + aux_coef * aux,
                   backward, AdamW) under a budget-16 sensitivity allocation against plain LoRA on
-                  all 16 candidate matrices (q_proj and v_proj of 8 layers): time and peak memory
+                  all 16 candidate matrices (v_proj and up_proj of 8 layers): time and peak memory
   3. sensitivity  the sensitivity phase's time as a fraction of the fine-tuning phase's, both at
                   train.py's defaults
 
@@ -43,8 +43,8 @@ from smoe import (GPT, GPTConfig, LoRAMoELinear, allocate_experts, apply_lora_mo
                   compute_sensitivity, moe_aux_loss)
 
 # train.py's defaults, the setting the step and sensitivity measurements describe
-RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 1e-2, 64, 4, 2500  # train.py's defaults
-TARGETS = ("q_proj", "v_proj")
+RANK, ALPHA, TOP_K, AUX_COEF, LR, BATCH_SIZE, SENS_BATCHES, STEPS = 8, 16.0, 2, 0.01, 1e-2, 32, 4, 1500  # train.py's defaults
+TARGETS = ("v_proj", "up_proj")
 BUDGET = 16
 
 # -----------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def main(args):
     tqdm.write(f"\nallocation timed in 2 and 3, {source}:")
     tqdm.write("layer " + " ".join(f"{t:>6}" for t in TARGETS))  # experts per matrix, one row per layer
     for i in range(cfg.n_layer):
-        tqdm.write(f"{i:>5} " + " ".join(f"{allocation[f'layers.{i}.attn.{t}']:>6}" for t in TARGETS))
+        tqdm.write(f"{i:>5} " + " ".join(f"{allocation[n]:>6}" for n in names if n.startswith(f"layers.{i}.")))
     step_seconds, step_memory, (smoe_model, smoe_optimizer) = bench_step(args, device, ctx, cfg, names, allocation)
     fraction = bench_sensitivity(args, device, ctx, phase, smoe_model, smoe_optimizer)
 
