@@ -10,6 +10,10 @@ Run from the repository root:  python experiments/claim.py              (--jobs 
 Every run is `python train.py` with train.py's defaults and the rule's flags; its folder holds its
 log and results. out/claim/runs.json is rewritten after every run, and a stopped test continues
 where it stopped when run again. The report prints at the end and goes to out/claim/report.txt.
+
+The protocol's own runs (experiments/README.md) were made on the toy of commit 40a5c64; run on
+the toy of today, this script is the same design applied to another toy, which no protocol has
+yet governed.
 """
 
 import argparse
@@ -25,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import run_train  # noqa: E402
 from stats import decide, holm, spearman, t_test  # noqa: E402
 
-T, M = 4, 16  # train.py's defaults: 4 tasks, 16 candidate matrices (q_proj and v_proj of 8 layers)
+T, M = 4, 16  # train.py's defaults: 4 tasks, 16 candidate matrices (v_proj and up_proj of 8 layers)
 DELTA = 0.02  # the smallest effect worth caring about, in mean held-out exact match
 GATE_GAIN, CEILING = 0.03, 0.95
 
