@@ -16,6 +16,7 @@ import os
 import random
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -1139,6 +1140,18 @@ def test_an_allocation_file_written_by_a_run_reproduces_that_run(reference, from
            {k: v for k, v in numbers(reference["results"]).items() if k != "sensitivity"}
 
 
+def test_resume_refuses_a_checkpoint_made_on_another_base(reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert json.loads(ckpt["base_key"])["seed"] == 0  # the base's recipe, as train.py keys its cache
+    ckpt["base_key"] = ckpt["base_key"].replace('"batch": 32', '"batch": 64')  # as a checkpoint of an older toy
+    torch.save(ckpt, out / "checkpoint.pt")
+    code, _, err = run_in_process("--out", str(out), "--resume")
+    assert code == 2 and err.strip().splitlines()[-1] == (f"train.py: error: --resume: {out / 'checkpoint.pt'} was made on "
+                                                         "another pretrained base (another version of the toy); start a new run")
+
+
 def test_a_run_with_an_allocation_file_resumes(reference, from_file):
     # train.py bug: the checkpoint's settings hold the parsed allocation, a dict, and `if args.allocation:`
     # then calls open() on it (TypeError, a traceback). --resume of a finished run writes its results again.
@@ -1448,6 +1461,7 @@ for flag in ("--alloc", "--allocation", "--sens-norm", "--out", "--cache", "--ta
     p.add_argument(flag)
 for flag in ("--budget", "--seed", "--base-seed", "--batch-size", "--sens-batches", "--steps", "--eval-examples"):
     p.add_argument(flag, type=int)
+p.set_defaults(eval_examples=200)  # train.py's default
 args, _ = p.parse_known_args()
 with open(os.environ["STAND_IN_BASE"]) as f:
     base = json.load(f)

@@ -135,9 +135,12 @@ rank = dist.get_rank() if ddp else 0
 master = rank == 0
 say = tqdm.write if master else lambda *a: None
 cache = args.cache or args.out
-base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps, "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
+base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps,
+                       "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
                        "data": [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(8)]})
 base_path = os.path.join(cache, f"base-{hashlib.sha1(base_key.encode()).hexdigest()[:12]}.pt")
+if ckpt and ckpt.get("base_key") != base_key:
+    p.error(f"--resume: {ckpt_path} was made on another pretrained base (another version of the toy); start a new run")
 
 
 def save(obj, path):
@@ -346,7 +349,7 @@ for step in (bar := tqdm(range(start, args.steps), "fine-tune", initial=start, t
             + ", ".join(f"{t} {a:.2f}" for t, a in acc.items()))
     if master and (done % args.checkpoint_every == 0 or done == args.steps or stop):
         config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "resume", "evaluate", "prompt")}
-        save({"step": done, "config": config, "sensitivity": sensitivity, "adapter": adapter_state(model),
+        save({"step": done, "config": config, "base_key": base_key, "sensitivity": sensitivity, "adapter": adapter_state(model),
               "optimizer": optimizer.state_dict(), "rng": rng.getstate(), "history": history}, ckpt_path)
     if stop:
         bar.close()
@@ -359,8 +362,8 @@ times["fine-tune"] = time.time() - t1
 
 answers = data.answers(model, eval_sets)
 acc = data.exact_match(answers, eval_sets)
-fewer = ", ".join(f"{t} {len(pairs)}" for t, pairs in eval_sets.items() if len(pairs) < args.eval_examples)
-say(f"6. held-out exact match, {args.eval_examples} examples per task{f' (all there are: {fewer})' if fewer else ''}, greedy decoding:")
+fewer = ", ".join(f"{t}: all {len(pairs)} it has" for t, pairs in eval_sets.items() if len(pairs) < args.eval_examples)
+say(f"6. held-out exact match, {args.eval_examples} examples per task{f' ({fewer})' if fewer else ''}, greedy decoding:")
 say(f"   {'task':<8} {'base':>5} {'tuned':>6}   an example: prompt, expected, tuned answer")
 for t, pairs in eval_sets.items():
     say(f"   {t:<8} {base_acc[t]:>5.2f} {acc[t]:>6.2f}   {pairs[0][0]} {pairs[0][1]} {answers[t][0]}")

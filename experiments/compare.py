@@ -176,7 +176,8 @@ def main(argv=None):
         lines.append(f"{row['rule']:<27} {row['experts']:>7} {row['trainable']:>9,} "
                      + " ".join(f"{ms(row['accuracy'][t]):>11}" for t in tasks)
                      + f" {ms(row['mean']):>11} {row['seconds']:>6.0f}s")
-    lines.append(f"(held-out exact match, {config['eval_examples']} per task, mean ± sd over seeds "
+    fewer = "".join(f", {t}: all {data.heldout_size(t)} it has" for t in tasks if data.heldout_size(t) < config["eval_examples"])
+    lines.append(f"(held-out exact match, {config['eval_examples']} per task{fewer}, mean ± sd over seeds "
                  f"{', '.join(map(str, seeds))}; {config['steps']} fine-tuning steps; wall time per run, {args.jobs} runs at a time)")
     lines.append(f"\npaired per-seed difference in mean exact match, with its 95 % t interval ({args.seeds} seeds):")
     lines.append(f"{'rule':<27} {'vs plain LoRA':>26}  {'vs uniform LoRA-MoE x' + str(T):>26}")
