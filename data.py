@@ -8,11 +8,13 @@ Every example is one line: a task tag, the input, "=", the answer, ".".
     Hbdaf=cebg.     shift     each letter to the next one in the alphabet (j wraps to a)
     A7+48=550.      add       a digit plus a number below 100, least significant digit first (055)
 
-The toy is an instrument for where experts go, so each task needs a different part of the network:
-reverse a new attention pattern (the position mirrored), sort attention by content, shift a mapping
-of each token on its own, add the base's digit sums read from new places (its operands are those of
-sums the other way round) with the carry passed on. add's answer comes least significant digit
-first, as the carry flows, so that each digit depends only on what the decoder has already seen.
+The toy is an instrument for where experts go, so each task is meant to need a different part of
+the network: reverse a new attention pattern (the position mirrored), sort attention by content,
+shift a mapping of each token on its own, add the base's digit sums read from new places (its
+operands are those of sums the other way round) with the carry passed on. Measured, the four still
+rank the matrices much alike (experiments/README.md, "The toy"). add's answer comes least
+significant digit first, as the carry flows, so that each digit depends only on what the decoder
+has already seen.
 
 The base model (train.py pretrains it) learns two other tasks, which teach it the alphabet, the
 digits and the line format, but none of the four: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums

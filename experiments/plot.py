@@ -45,7 +45,7 @@ def main(argv=None):
     except ImportError:
         p.error("this plot needs matplotlib: pip install matplotlib")
     panels = []
-    for title, path, read in (("toy (0.4 M parameters, 8 layers), compare.py", args.toy, toy_points),
+    for title, path, read in (("toy (0.27 M parameters, 8 layers), compare.py", args.toy, toy_points),
                               ("SmolLM2-135M-Instruct, real_model.py", args.real, real_points)):
         if os.path.exists(path):
             try:

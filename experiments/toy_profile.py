@@ -1,7 +1,7 @@
 """
 Where the toy's base model puts each task's sensitivity, layer by layer, and how far pretraining moved
 each layer's weights from their initialisation: the two measurements the toy's base is judged by
-(README, "The toy's base"). Nothing here depends on which allocation rule wins.
+(experiments/README.md, "The toy"). Nothing here depends on which allocation rule wins.
 
   per-layer share   each task's raw score as train.py computes it (per-example Fisher, --sens-batches
                     batches of --batch-size, the --targets) summed over the layer's candidates, as %
