@@ -11,9 +11,8 @@ Every run is `python train.py` with train.py's defaults and the rule's flags; it
 log and results. out/claim/runs.json is rewritten after every run, and a stopped test continues
 where it stopped when run again. The report prints at the end and goes to out/claim/report.txt.
 
-The protocol's own runs (experiments/README.md) were made on the toy of commit 40a5c64; run on
-the toy of today, this script is the same design applied to another toy, which no protocol has
-yet governed.
+PROTOCOL.md's own runs (experiments/README.md) were made on the toy of commit 40a5c64; on today's
+toy, PROTOCOL2.md governs the same design, run as `python experiments/claim.py --out out/claim2`.
 """
 
 import argparse
