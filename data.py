@@ -106,8 +106,8 @@ def get_batch(tasks, batch_size, rng, split="train"):
 
 def eval_set(task, n, seed=0):
     """n distinct held-out (prompt, answer) pairs of `task` (all it has, if fewer), the same for the same seed."""
-    rng, seen = random.Random(f"eval-{task}-{seed}"), {}
-    while len(seen) < min(n, heldout_size(task)):
+    rng, seen, n = random.Random(f"eval-{task}-{seed}"), {}, min(n, heldout_size(task))
+    while len(seen) < n:
         prompt, ans = sample(task, rng, "eval")
         seen[prompt] = ans
     return list(seen.items())
