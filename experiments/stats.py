@@ -1,6 +1,7 @@
 """
 The statistics the comparisons report: the paired interval over seeds and its verdict (compare.py,
-real_model.py), the Spearman rank correlation, and the paired t-test with Holm's correction (claim.py).
+real_model.py), the Spearman rank correlation, the paired t-test with Holm's correction (claim.py),
+and the one-sided test of non-inferiority (claim3.py).
 
 The rule for "better", fixed before any run: for each seed, the difference in mean held-out exact
 match (rule minus reference) on the same base, data and seed; rule A is better than B when the
@@ -44,18 +45,34 @@ def spearman(a, b):
     return statistics.correlation(ranks(a), ranks(b))
 
 
+def t_tail(t, df):
+    """P(T > t) for Student's t with df degrees of freedom: 1/2 minus the density's integral from 0 to |t|
+    by Simpson's rule (2,000 intervals), mirrored for t < 0."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = [c * (1 + (abs(t) * i / 2000) ** 2 / df) ** (-(df + 1) / 2) for i in range(2001)]
+    inner = abs(t) / 2000 / 3 * sum(f * (1 if i in (0, 2000) else 4 if i % 2 else 2) for i, f in enumerate(density))
+    upper = max(0.0, 0.5 - inner)
+    return upper if t >= 0 else 1 - upper
+
+
 def t_test(d):
     """Mean of d, the half-width of its 95 % t interval, and the two-sided p-value of mean 0
-    (Student's t, len(d) - 1 degrees of freedom; the tail by Simpson's rule on the density)."""
+    (Student's t, len(d) - 1 degrees of freedom)."""
     n, mean = len(d), statistics.mean(d)
     se = statistics.stdev(d) / math.sqrt(n)
     if se == 0:
         return mean, 0.0, 0.0 if mean else 1.0
-    t, df = abs(mean / se), n - 1
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    density = [c * (1 + (t * i / 2000) ** 2 / df) ** (-(df + 1) / 2) for i in range(2001)]
-    inner = t / 2000 / 3 * sum(f * (1 if i in (0, 2000) else 4 if i % 2 else 2) for i, f in enumerate(density))
-    return mean, T_975[df] * se, max(0.0, 1 - 2 * inner)
+    return mean, T_975[n - 1] * se, min(1.0, 2 * t_tail(abs(mean / se), n - 1))
+
+
+def noninferiority_p(d, delta):
+    """One-sided p-value of "the mean of d is at most -delta" (Student's t): small when d is
+    at least as good as its reference, within delta."""
+    n, mean = len(d), statistics.mean(d)
+    se = statistics.stdev(d) / math.sqrt(n)
+    if se == 0:
+        return 0.0 if mean > -delta else 1.0
+    return t_tail((mean + delta) / se, n - 1)
 
 
 def holm(p):
