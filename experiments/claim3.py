@@ -63,6 +63,24 @@ def flags(arm, lr):
         "--rank", str(RANK), "--lr", str(lr), "--eval-every", "1500", "--eval-examples", "8"]
 
 
+def judge(name, mean, half, p_holm):
+    """One primary comparison's outcome by PROTOCOL3.md: P3 tests non-inferiority, P1 and P2 a gain."""
+    if name == "P3":
+        return "non-inferior" if p_holm < 0.05 else "inferior" if mean + half < -DELTA else "undecided"
+    return "better" if mean > 0 and p_holm < 0.05 else f"a gain of {DELTA} or more ruled out" if mean + half < DELTA else "undecided"
+
+
+def verdict(gate, outcome):
+    """PROTOCOL3.md's verdict from the gate and {"P1": outcome, "P2": ..., "P3": ...}."""
+    if not gate:
+        return "no verdict"
+    if outcome["P1"] == outcome["P2"] == "better" and outcome["P3"] == "non-inferior":
+        return "supported"
+    if any(o.endswith("ruled out") or o == "inferior" for o in outcome.values()):
+        return "refuted"
+    return "inconclusive"
+
+
 def main():
     p = argparse.ArgumentParser(description="The paper's claim on the toy, as experiments/PROTOCOL3.md says.")
     p.add_argument("--out", default=os.path.join("out", "claim3"), help="output folder (default out/claim3)")
@@ -191,24 +209,11 @@ def main():
     adjusted = holm(p_values)
     say("Primary (paired difference over the test bases, 95 % t interval, p and Holm-adjusted p;"
         f" P1, P2: two-sided, mean 0; P3: one-sided, mean <= -{DELTA}):")
-    outcome = {}
+    outcome = {name: judge(name, mean, half, p_holm) for (name, _, _), (mean, half, _), p_holm in zip(primary, tests, adjusted)}
     for (name, a, b), (mean, half, _), p_raw, p_holm in zip(primary, tests, p_values, adjusted):
-        if name == "P3":
-            outcome[name] = "non-inferior" if p_holm < 0.05 else "inferior" if mean + half < -DELTA else "undecided"
-        else:
-            outcome[name] = ("better" if mean > 0 and p_holm < 0.05 else
-                             f"a gain of {DELTA} or more ruled out" if mean + half < DELTA else "undecided")
         say(f"  {name} {a} - {b}: {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}], half-width {half:.3f}, "
             f"p {p_raw:.3f}, Holm {p_holm:.3f}: {outcome[name]}")
-    if not gate:
-        verdict = "no verdict"
-    elif outcome["P1"] == outcome["P2"] == "better" and outcome["P3"] == "non-inferior":
-        verdict = "supported"
-    elif any(o.endswith("ruled out") or o == "inferior" for o in outcome.values()):
-        verdict = "refuted"
-    else:
-        verdict = "inconclusive"
-    say(f"Verdict: {verdict}")
+    say(f"Verdict: {verdict(gate, outcome)}")
     sds = {name: statistics.stdev(diff(a, b)) for name, a, b in primary}
     say("  per-base sd of the differences: " + ", ".join(f"{k} {v:.3f}" for k, v in sds.items())
         + f"; the design's half-width at sd s: {T_975[len(args.test_bases) - 1] / len(args.test_bases) ** 0.5:.3f} x s")

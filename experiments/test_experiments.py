@@ -624,3 +624,46 @@ def test_t_test_matches_the_t_table_and_holm_worked_by_hand():
     assert decide(True, [(0.05, 0.02, 0.01), (0.04, 0.02, 0.02)], [0.02, 0.02]) == "supported"
     assert decide(True, [(0.05, 0.02, 0.01), (-0.01, 0.02, 0.3)], [0.02, 0.3]) == "refuted"  # -0.01 + 0.02 < 0.02
     assert decide(True, [(0.05, 0.02, 0.01), (0.01, 0.05, 0.6)], [0.02, 0.6]) == "inconclusive"
+
+
+def test_one_sided_t_tail_and_non_inferiority_against_the_t_table():
+    from stats import noninferiority_p, t_tail
+    # the table's two-sided 5 % point at 9 degrees of freedom, 2.262, leaves 2.5 % in each tail
+    assert t_tail(2.262, 9) == pytest.approx(0.025, abs=2e-4) and t_tail(-2.262, 9) == pytest.approx(0.975, abs=2e-4)
+    assert t_tail(0.0, 5) == pytest.approx(0.5)
+    # d of mean 0 and standard error 1/3.182 (n = 4, as above): non-inferiority at delta 1 puts t at 3.182 (3 df), 2.5 %
+    sd = 2 / 3.182
+    d = [sd * x / math.sqrt(4 / 3) for x in (1, -1, 1, -1)]
+    assert noninferiority_p(d, 1.0) == pytest.approx(0.025, abs=3e-4)
+    assert noninferiority_p([-0.5, -0.5], 0.02) == 1.0 and noninferiority_p([0.0, 0.0], 0.02) == 0.0
+
+
+def test_protocol3_outcomes_verdict_halves_and_parameter_count():
+    import claim3
+    d = claim3.DELTA
+    assert claim3.judge("P1", 0.05, 0.02, 0.01) == "better"
+    assert claim3.judge("P1", 0.05, 0.02, 0.06) == "undecided"  # above 0, but not after Holm
+    assert claim3.judge("P2", 0.0, 0.015, 0.9) == f"a gain of {d} or more ruled out"  # 0 + 0.015 < 0.02
+    assert claim3.judge("P3", -0.01, 0.02, 0.03) == "non-inferior"
+    assert claim3.judge("P3", -0.05, 0.02, 0.9) == "inferior" and claim3.judge("P3", -0.03, 0.02, 0.9) == "undecided"
+    better = {"P1": "better", "P2": "better", "P3": "non-inferior"}
+    assert claim3.verdict(False, better) == "no verdict" and claim3.verdict(True, better) == "supported"
+    assert claim3.verdict(True, better | {"P3": "inferior"}) == "refuted"
+    assert claim3.verdict(True, better | {"P1": f"a gain of {d} or more ruled out"}) == "refuted"
+    assert claim3.verdict(True, better | {"P2": "undecided"}) == "inconclusive"
+    # the halves split every held-out pair exactly once, and never a training input
+    for task in data.TASKS:
+        split = claim3.halves(task)
+        both = split["validation"] + split["test"]
+        assert sorted(both) == sorted(data.eval_set(task, claim3.EVAL_POOL)) and split["validation"] and split["test"]
+        assert all(data.is_heldout(p[1:-1]) for p, _ in both)
+    assert len(claim3.halves("add")["validation"]) + len(claim3.halves("add")["test"]) == 88
+    # the parameter count against the wrapped toy model's own count, for an uneven allocation
+    model = GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE))
+    names = candidate_names(model, ["v_proj", "up_proj"])
+    allocation = {n: i % 4 for i, n in enumerate(names)}
+    shapes = {n: list(model.get_submodule(n).weight.shape) for n in names}
+    wrapped = apply_lora_moe(copy.deepcopy(model), allocation, r=claim3.RANK)
+    assert claim3.trainable(allocation, shapes) == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert claim3.trainable(dict.fromkeys(names, 2), shapes) == 12288
+
