@@ -2,15 +2,15 @@
 LoRA-SMoE in one file: a mixture of LoRA experts whose expert counts per weight matrix come from
 gradient sensitivity under a fixed budget. Read top to bottom, smallest piece first:
 
-  1. LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
-  2. load_balancing_loss  the Switch Transformer auxiliary loss, normalised per layer; moe_aux_loss
-  3. sensitivity          S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2
-  4. allocate_experts     per-task votes that spend exactly the budget; allocate_uniform
-  5. apply_lora_moe       wrap the allocated nn.Linear modules of any model
-  6. adapter_state        the trained adapter alone, and load_adapter to put it back
-  7. GPT                  the tiny transformer of the toy (train.py)
+  LoRAMoELinear        a frozen nn.Linear plus E LoRA experts and a top-k router
+  load_balancing_loss  the Switch Transformer auxiliary loss, normalised per layer; moe_aux_loss
+  sensitivity          S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2
+  allocate_experts     per-task votes that spend exactly the budget; allocate_uniform
+  apply_lora_moe       wrap the allocated nn.Linear modules of any model
+  adapter_state        the trained adapter alone, and load_adapter to put it back
+  GPT                  the tiny transformer of the toy (train.py)
 
-Sections 1 to 6 take any nn.Module and a loss function; only GPT is specific to the toy.
+Everything above GPT takes any nn.Module and a loss function; only GPT is specific to the toy.
 Each idea comes first in its plain form (forward_plain, sensitivity_reference), then in the
 fast form that train.py uses; test_smoe.py checks that the two agree.
 
@@ -25,6 +25,7 @@ References:
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. The LoRA-MoE layer
+# The LoRA-MoE layer
 
 
 class LoRAMoELinear(nn.Module):
@@ -45,11 +46,14 @@ class LoRAMoELinear(nn.Module):
     router and the layer is plain LoRA [2]. k is min(top_k, E).
     Initialisation as PEFT's: A_i like an nn.Linear weight, B_i = 0, so the layer starts equal to
     its base. On a float16 or bfloat16 base the adapter is kept in float32, as PEFT does.
-    The last forward's router logits (N, E) and choices (N, k) stay on the layer for moe_aux_loss.
+    Each call's router logits (N, E) and choices (N, k) go into self.routing for moe_aux_loss;
+    clear_routing empties it, and apply_lora_moe makes that happen as each forward of the model begins.
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, r: int = 8, lora_alpha: float = 16.0, top_k: int = 2):
         super().__init__()
+        if min(num_experts, r, top_k) < 1:
+            raise ValueError(f"LoRA-MoE needs num_experts, r and top_k of at least 1, got {num_experts}, {r} and {top_k}")
         if not base.weight.is_floating_point():
             raise TypeError(f"the base weight is {base.weight.dtype}: LoRA-MoE wraps floating-point nn.Linear "
                             "layers only (quantised bases are not supported)")
@@ -63,15 +67,7 @@ class LoRAMoELinear(nn.Module):
         for A in self.lora_A.data:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.router = nn.Linear(base.in_features, num_experts, bias=False, **like) if num_experts > 1 else None
-        self.router_logits = self.top_idx = None
-
-    @property
-    def weight(self):  # code that reads a wrapped module's weight or bias gets the base's, as with PEFT
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
+        self.routing = []  # (router logits, choices) of each call since the model's forward began
 
     def route(self, x):
         """(N, E) gates: g_i(x) for each token's k chosen experts, 0 for the others."""
@@ -81,7 +77,7 @@ class LoRAMoELinear(nn.Module):
             top_gates = logits.softmax(-1).gather(-1, top_idx)       # (N, 1)
         else:  # Mixtral [4]: softmax over the k chosen logits
             top_gates = top_logits.softmax(-1)                       # (N, k)
-        self.router_logits, self.top_idx = logits, top_idx
+        self.routing.append((logits, top_idx))
         return torch.zeros_like(logits, dtype=top_gates.dtype).scatter(-1, top_idx, top_gates)  # (N, E)
 
     def forward_plain(self, x):
@@ -91,10 +87,10 @@ class LoRAMoELinear(nn.Module):
         xs = xs.to(self.lora_A.dtype)
         gates = self.route(xs) if self.router is not None else xs.new_ones(len(xs), 1)  # (N, E)
         for i in range(self.num_experts):
-            rows = torch.where(gates[:, i] > 0)[0]                   # (n_i,) the tokens that chose expert i
-            delta = xs[rows] @ self.lora_A[i].t() @ self.lora_B[i].t()  # (n_i, O)  B_i A_i x
+            rows = torch.where(gates[:, i] > 0)[0]                   # (N_i,) the tokens that chose expert i
+            delta = xs[rows] @ self.lora_A[i].t() @ self.lora_B[i].t()  # (N_i, O)  B_i A_i x
             y = y.index_add(0, rows, gates[rows, i, None] * self.scaling * delta)
-        return y.view(*x.shape[:-1], -1)
+        return y.view(*x.shape[:-1], self.base.out_features)
 
     def forward(self, x):
         """The same sum as two matmuls: E experts of rank r are one LoRA of rank E*r whose rank groups
@@ -109,10 +105,26 @@ class LoRAMoELinear(nn.Module):
             h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)  # (N, E*r) each rank group times its gate
         B_all = torch.cat(list(self.lora_B), dim=1)                  # (O, E*r) = [B_1 | ... | B_E], contiguous grads for DDP
         out = torch.addmm(y.to(h.dtype), h, B_all.t(), alpha=self.scaling)  # (N, O) y + scaling * h B_all^T in one GEMM
-        return out.to(y.dtype).view(*x.shape[:-1], -1)
+        return out.to(y.dtype).view(*x.shape[:-1], self.base.out_features)
 
-    def __getstate__(self):  # copies and pickles leave out the last forward's routing, which holds its autograd graph
-        return {**self.__dict__, "router_logits": None, "top_idx": None}
+    @property
+    def router_logits(self):  # (N, E) every call's rows since the model's forward began, in call order
+        return torch.cat([logits for logits, _ in self.routing]) if self.routing else None
+
+    @property
+    def top_idx(self):  # (N, k) the same calls' chosen experts
+        return torch.cat([idx for _, idx in self.routing]) if self.routing else None
+
+    @property
+    def weight(self):  # code that reads a wrapped module's weight or bias gets the base's, as with PEFT
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def __getstate__(self):  # copies and pickles leave out the routing, which holds the forward's autograd graph
+        return {**self.__dict__, "routing": []}
 
     def extra_repr(self):
         return f"experts={self.num_experts}, r={self.r}, top_k={self.top_k}"
@@ -122,8 +134,15 @@ def moe_layers(model):
     """(name, layer) for every LoRAMoELinear of the model, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
 
+
+def clear_routing(model, args=None):
+    """Empty the routing record of every LoRA-MoE layer of the model. apply_lora_moe registers it as a
+    forward pre-hook of the model, so the record holds the calls of the model's latest forward."""
+    for _, m in moe_layers(model):
+        m.routing.clear()
+
 # -----------------------------------------------------------------------------
-# 2. The load-balancing loss
+# The load-balancing loss
 
 
 def load_balancing_loss(router_logits, top_idx, mask=None):
@@ -131,51 +150,60 @@ def load_balancing_loss(router_logits, top_idx, mask=None):
 
         f_i = (routing slots that chose expert i) / (N * k)
         P_i = mean over tokens of softmax(router_logits)_i
-        L   = E * sum_i f_i * P_i
+        aux = E * sum_i f_i * P_i
 
     router_logits (N, E), top_idx (N, k); mask: optional, one bool per token, the tokens to count.
-    Every token on one expert with all its probability there gives E. The gradient reaches the
-    router through P (f is a count). Hugging Face's Mixtral helper divides by N, not N*k.
+    Its maximum is E / k: every token's k slots on the same k experts, all the probability there
+    (E at k = 1). The gradient reaches the router through P (f is a count).
     Example by hand: E = 2, k = 1, two tokens both on expert 0 with P = (0.75, 0.25):
-    f = (1, 0), L = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
+    f = (1, 0), aux = 2 * (1 * 0.75 + 0 * 0.25) = 1.5.
     """
     N, E = router_logits.shape
     probs = router_logits.float().softmax(-1)                        # (N, E)
     chosen = torch.zeros_like(probs).scatter(-1, top_idx, 1.0)       # (N, E) 1 where a token chose expert i
     w = probs.new_ones(N) if mask is None else mask.reshape(N).to(probs)  # (N,) 1 for a counted token
-    n = w.sum().clamp_min(1)
-    f = (w @ chosen) / (n * top_idx.shape[1])                        # (E,) share of the routing slots
-    P = (w @ probs) / n                                              # (E,) mean router probability
+    counted = w.sum().clamp_min(1)
+    f = (w @ chosen) / (counted * top_idx.shape[1])                  # (E,) share of the routing slots
+    P = (w @ probs) / counted                                        # (E,) mean router probability
     return E * (f * P).sum()
 
 
 def moe_aux_loss(model, mask=None):
-    """The mean load_balancing_loss over the layers that choose (k < E), on their last forward.
+    """The mean load_balancing_loss over the layers that choose (k < E), each over every call in the
+    model's latest forward: a layer called twice on N tokens is balanced over its 2N tokens.
 
     A layer with E <= k uses every expert for every token: its loss would be 1 with no gradient,
     and averaging it in would give the other routers less than the coefficient asks, so it is
-    left out. mask: one bool per token of that forward, e.g. x != pad for a (b, L) batch.
+    left out, as is a layer the forward did not call. mask: one bool per token of the model's
+    input, e.g. x != pad for a (b, L) batch; it applies to each call. Hugging Face's Mixtral
+    helper gives k times one layer's loss, and pools all layers' tokens before multiplying f and P.
     """
     losses = []
     for name, m in moe_layers(model):
-        if m.top_k < m.num_experts:
-            if m.router.weight.requires_grad and torch.is_grad_enabled() and not m.router_logits.requires_grad:
+        if m.top_k < m.num_experts and m.routing:
+            if mask is not None and any(len(logits) != mask.numel() for logits, _ in m.routing):
+                raise ValueError(f"the mask has {mask.numel()} tokens and {name} routed "
+                                 f"{[len(logits) for logits, _ in m.routing]} in its calls: give one bool per token of each call")
+            if m.router.weight.requires_grad and torch.is_grad_enabled() and not m.routing[0][0].requires_grad:
                 raise RuntimeError(f"{name}'s router logits have no gradient, so the balancing loss would train nothing: "
                                    "the forward ran under no_grad, or under reentrant activation checkpointing "
                                    "(use use_reentrant=False)")
-            losses.append(load_balancing_loss(m.router_logits, m.top_idx, mask))
+            calls_mask = None if mask is None else mask.reshape(-1).repeat(len(m.routing))
+            losses.append(load_balancing_loss(m.router_logits, m.top_idx, calls_mask))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 # -----------------------------------------------------------------------------
-# 3. Sensitivity: S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2   ([1] sec. 3.1)
+# Sensitivity: S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2   ([1] sec. 3.1)
 # loss_fn(model, batch) returns (b,), each example's loss l(x); W is a candidate nn.Linear's base weight.
+# Both forms measure the pretrained model in eval mode (dropout off) and leave each module in its own mode.
 
 
 def sensitivity_reference(model, task_batches, loss_fn, names):
     """The definition, one backward pass per example. {task: [batch, ...]} -> {task: {name: score}}.
     Slow (b backward passes per batch); the tests use it to check compute_sensitivity."""
-    weights = [model.get_submodule(n).weight for n in names]
-    flags = [w.requires_grad for w in weights]
+    weights = [model.get_submodule(name).weight for name in names]
+    flags, modes = [w.requires_grad for w in weights], [(m, m.training) for m in model.modules()]
+    model.eval()
     for w in weights:
         w.requires_grad_(True)
     scores = {}
@@ -184,17 +212,19 @@ def sensitivity_reference(model, task_batches, loss_fn, names):
         for batch in batches:
             for loss in loss_fn(model, batch):                       # one example's loss
                 grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
-                for n, g in zip(names, grads):
-                    scores[task][n] += 0.0 if g is None else g.float().pow(2).sum().item()
+                for name, g in zip(names, grads):
+                    scores[task][name] += 0.0 if g is None else g.float().pow(2).sum().item()
     for w, flag in zip(weights, flags):
         w.requires_grad_(flag)
+    for m, mode in modes:
+        m.training = mode
     return scores
 
 
 def per_example_sq_norms(g, x):
-    """(b,) ||G||_F^2 of each example's weight gradient G = sum over its tokens l of g_l x_l^T, for
+    """(b,) ||G||_F^2 of each example's weight gradient G = sum over its tokens j of g_j x_j^T, for
     y = x W^T with g = dl/dy (b, L, O) and x (b, L, C), without forming G when the Gram way is cheaper:
-    ||G||^2 = sum over l, l' of (g_l . g_l') (x_l . x_l'), two (L, L) Gram matrices [5].
+    ||G||^2 = sum over j, j' of (g_j . g_j') (x_j . x_j'), two (L, L) Gram matrices [5].
     Example by hand, one example of two tokens: g = [[1, 0], [0, 1]], x = [[1, 2], [3, 4]]:
     G = [[1, 2], [3, 4]], 1 + 4 + 9 + 16 = 30; the Gram way: g g^T = I, so x1.x1 + x2.x2 = 5 + 25."""
     L, O, C = g.shape[1], g.shape[2], x.shape[2]
@@ -208,65 +238,94 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
     of a LoRA step: a forward hook keeps each candidate's input x and adds a zero probe to its output;
     the backward pass is taken to the probes only (no weight gradient is computed), and a hook on
     each output turns its gradient g and the kept x into per-example squared norms as the pass
-    reaches it. Needs inputs with the batch first and examples that do not interact (true of
-    transformers, not of batch norm). A matrix called more than once sums its calls' gradients
-    before squaring. Scores are float32; nothing is updated, and the mode and requires_grad flags are restored.
+    reaches it. Needs each candidate's input with the batch first, (b, ..., C), and examples that
+    do not interact (true of transformers, not of batch norm in training mode); a first dimension
+    other than the batch is one error. A weight called more than once, or shared by several
+    candidates, sums its calls' gradients before squaring, as the definition does; shared, each
+    candidate gets that score. Scores are float32; nothing is updated, and the requires_grad flags are restored.
     Example by hand, one matrix and one batch of two examples with weight gradients
     G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: (1 + 4 + 0 + 4) + 1 = 10.
     """
-    modules = {n: model.get_submodule(n) for n in names}
-    calls = {n: [] for n in names}  # this batch's (x, g) per call of each candidate
+    modules = {name: model.get_submodule(name) for name in names}
+    first = {}
+    owner = {name: first.setdefault(id(m.weight), name) for name, m in modules.items()}  # one weight, one score
+    calls = {name: [] for name in first.values()}  # this batch's [x, g] per call of each weight
     probes, acc = [], {}
-
-    def fold(name, pairs):  # tokens of every call joined per example, then squared: the gradients add first
-        x = torch.cat([x.float().reshape(len(x), -1, x.shape[-1]) for x, _ in pairs], 1)  # (b, L, C)
-        g = torch.cat([g.float().reshape(len(g), -1, g.shape[-1]) for _, g in pairs], 1)  # (b, L, O)
-        acc[name] += per_example_sq_norms(g, x).sum()
-
-    def on_grad(name, i, g):
-        calls[name][i] = (calls[name][i][0], g)
-        if len(calls[name]) == 1:  # called once: fold now and free the tensors
-            fold(name, calls[name])
-            calls[name].clear()
 
     def on_forward(module, inputs, out, name):
         probe = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
         probes.append(probe)
-        calls[name].append((inputs[0].detach(), None))
+        call = [inputs[0].detach(), None]
+        calls[name].append(call)
         out = out + probe                                            # the backward pass now reaches this output
-        i = len(calls[name]) - 1
-        out.register_hook(lambda g: on_grad(name, i, g))
+        out.register_hook(lambda g: on_grad(name, call, g))
         return out
 
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    def on_grad(name, call, g):
+        call[1] = g
+        if all(g is not None for _, g in calls[name]):  # the weight's last call: fold now and free the tensors
+            fold(name)
+
+    def fold(name):  # every call's tokens joined per example, then squared: the calls' gradients add first
+        pairs = [(x, g) for x, g in calls[name] if g is not None]
+        x = torch.cat([x.float().reshape(len(x), -1, x.shape[-1]) for x, _ in pairs], 1)  # (b, L, C)
+        g = torch.cat([g.float().reshape(len(g), -1, g.shape[-1]) for _, g in pairs], 1)  # (b, L, O)
+        acc[name] += per_example_sq_norms(g, x).sum()
+        calls[name].clear()
+
+    for name in names:  # PyTorch's transformer layers take positions first unless built with batch_first=True
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
+            raise ValueError(f"{name} is in a {type(parent).__name__} built with batch_first=False: sensitivity needs batch_first=True")
+    flags, modes = [p.requires_grad for p in model.parameters()], [(m, m.training) for m in model.modules()]
     model.eval().requires_grad_(False)  # the probes alone carry the backward pass: no graph below the first candidate
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: on_forward(m, i, o, n)) for n, m in modules.items()]
+    nested = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
+    for m in nested:  # in eval, nn.TransformerEncoder turns a padded batch into nested tensors the hooks cannot read
+        m.use_nested_tensor = False
+    hooks = [m.register_forward_hook(lambda m, i, o, name=owner[n]: on_forward(m, i, o, name)) for n, m in modules.items()]
     scores = {}
     try:
         for task, batches in task_batches.items():
-            acc.update({n: torch.zeros((), device=m.weight.device) for n, m in modules.items()})
+            acc.update({name: torch.zeros((), device=modules[name].weight.device) for name in calls})
             for batch in batches:
                 losses = loss_fn(model, batch)                       # (b,)
+                check_batch_first(losses, calls)
                 torch.autograd.grad(losses.float().sum(), probes, allow_unused=True)
-                for n, pairs in calls.items():  # matrices called more than once (and unused ones: no gradient, score 0)
-                    if any(g is not None for _, g in pairs):
-                        fold(n, [(x, g) for x, g in pairs if g is not None])
-                    pairs.clear()
+                for name in calls:  # calls whose output never reached the loss have no gradient: fold the others
+                    if any(g is not None for _, g in calls[name]):
+                        fold(name)
+                    calls[name].clear()
                 probes.clear()
-            scores[task] = {n: a.item() for n, a in acc.items()}
+            scores[task] = {name: acc[owner[name]].item() for name in names}
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        for m in nested:
+            m.use_nested_tensor = True
     return scores
 
 
+def check_batch_first(losses, calls):
+    """One loss per example, and each candidate's input with that many rows first: a scalar loss, or tokens
+    flattened or put first (nn.TransformerEncoderLayer's default batch_first=False), would give other scores."""
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return one loss per example, shape (b,); it returned shape {tuple(losses.shape)}")
+    for name, pairs in calls.items():
+        for x, _ in pairs:
+            if len(x) != len(losses):
+                raise ValueError(f"{name}'s input is {tuple(x.shape)} for {len(losses)} losses: compute_sensitivity needs "
+                                 "one loss per example and each candidate's input with the batch first (batch_first=True)")
+
+
 def layer_name(name):
-    """The layer a module is in: its name up to the last all-digit part ("layers.3.attn.q_proj" -> "layers.3")."""
+    """The layer a module is in: its name up to its first all-digit part, "layers.3.attn.q_proj" -> "layers.3",
+    T5's "encoder.block.0.layer.1.DenseReluDense.wi" -> "encoder.block.0", "layers.3.mlp.experts.7.w1" -> "layers.3"."""
     parts = name.split(".")
-    return ".".join(parts[:max((i for i, p in enumerate(parts) if p.isdigit()), default=len(parts) - 1) + 1])
+    return ".".join(parts[:next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1) + 1])
 
 
 def normalise_per_layer(sensitivity):
@@ -283,7 +342,7 @@ def normalise_per_layer(sensitivity):
     return shares
 
 # -----------------------------------------------------------------------------
-# 4. Budgeted allocation by per-task votes   ([1] sec. 3.2, with an exact budget)
+# Budgeted allocation by per-task votes   ([1] sec. 3.2, with an exact budget)
 
 
 def allocate_experts(sensitivity, budget):
@@ -291,18 +350,26 @@ def allocate_experts(sensitivity, budget):
 
     Task t casts budget // T votes, plus one for the first budget % T tasks in name order, one vote
     each for its most sensitive modules; a module gets as many experts as votes, 0 to T. Ties go
-    to the module that comes first. Valid budgets: 1 to T * M (T tasks, M modules).
+    to the module that comes first. Valid budgets: 1 to T * M (T tasks, M modules). Every task
+    scores the same modules, and a task whose scores are all 0 (its loss reaches no candidate) is an error.
     Example: {"a": {"q": 3, "k": 1, "v": 2}, "b": {"q": 1, "k": 5, "v": 4}}, budget 3: task a votes
     twice (q, v), task b once (k): {"q": 1, "k": 1, "v": 1}. Budget 4: a for q and v, b for k and v:
     {"q": 1, "k": 1, "v": 2}.
     """
     tasks = sorted(sensitivity)
-    modules = list(sensitivity[tasks[0]])
+    modules = list(sensitivity[tasks[0]]) if tasks else []
     T, M = len(tasks), len(modules)
-    if not 1 <= budget <= T * M:
-        raise ValueError(f"budget must be from 1 to {T * M} (tasks x candidate matrices = {T} x {M}), got {budget}")
-    if not all(math.isfinite(s) for t in tasks for s in sensitivity[t].values()):
-        raise ValueError("a sensitivity score is not finite (the loss or its gradient overflowed); no allocation from it")
+    if T * M == 0:
+        raise ValueError(f"no scores to allocate from: sensitivity is {{task: {{module: score}}}}, got {sensitivity}")
+    if not isinstance(budget, numbers.Integral) or not 1 <= budget <= T * M:
+        raise ValueError(f"budget must be from 1 to {T * M} (tasks x candidate matrices = {T} x {M}), a whole number, got {budget}")
+    for t in tasks:
+        if set(sensitivity[t]) != set(modules):
+            raise ValueError(f"task {t!r} scores other modules than task {tasks[0]!r}: every task must score the same ones")
+        if not all(math.isfinite(s) for s in sensitivity[t].values()):
+            raise ValueError("a sensitivity score is not finite (the loss or its gradient overflowed); no allocation from it")
+        if not any(sensitivity[t].values()):
+            raise ValueError(f"task {t!r} scores every module 0: its loss reaches no candidate matrix, so it has nothing to vote for")
     counts = dict.fromkeys(modules, 0)
     for i, t in enumerate(tasks):
         votes = budget // T + (i < budget % T)
@@ -313,52 +380,75 @@ def allocate_experts(sensitivity, budget):
 
 def allocate_uniform(names, budget):
     """The same count on every module; budget == M is plain LoRA, budget == T * M uniform LoRA-MoE x T."""
-    if budget % len(names):
-        raise ValueError(f"a uniform allocation needs a multiple of the {len(names)} candidate matrices, got {budget}")
+    if budget % len(names) or budget < len(names):
+        raise ValueError(f"a uniform allocation needs a multiple of the {len(names)} candidate matrices "
+                         f"(at least {len(names)}), got {budget}")
     return dict.fromkeys(names, budget // len(names))
 
 # -----------------------------------------------------------------------------
-# 5. Wrapping a model
+# Wrapping a model
 
 
 def candidate_names(model, targets):
     """The nn.Linear modules named by `targets`, in module order. A target matches a module whose name
     equals it or ends in "." + target, as PEFT's target_modules: "q_proj" matches "layers.0.attn.q_proj"."""
+    named = {n: type(m).__name__ for n, m in model.named_modules()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in linears):
-            raise ValueError(f"target {t!r} matches no nn.Linear of the model (such as {', '.join(linears[:3])})")
+            kinds = sorted({kind for n, kind in named.items() if n == t or n.endswith("." + t)})
+            raise ValueError(f"target {t!r} matches no nn.Linear of the model (such as {', '.join(linears[:3])})"
+                             + (f" but a {', '.join(kinds)}" if kinds else "") + ("; GPT-2's Conv1D: make each an nn.Linear "
+                             "first, as experiments/hf_model.py's linear_from_conv1d does" if "Conv1D" in kinds else ""))
     return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
     """Freeze the model and replace each module of {name: experts} with count >= 1 by a LoRAMoELinear
-    (count 0: no adapter). Returns the model. The module must be called by its parent, self.proj(x):
+    (count 0: no adapter). Changes the model in place and returns it; its trainable parameters are then
+    the adapters' and routers' alone. The module must be called by its parent, self.proj(x):
     nn.MultiheadAttention reads its out_proj's weight itself, so an adapter there would never run."""
-    model.requires_grad_(False)
-    for name, n in allocation.items():
-        if n > 0:
+    inner = unwrapped(model)
+    inner.requires_grad_(False)
+    for name, experts in allocation.items():
+        if experts > 0:
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            if not isinstance(getattr(parent, child), nn.Linear) or isinstance(parent, nn.MultiheadAttention):
-                raise TypeError(f"{name} is a {type(getattr(parent, child)).__name__}, not an nn.Linear that its parent calls")
-            setattr(parent, child, LoRAMoELinear(getattr(parent, child), n, r, lora_alpha, top_k))
+            try:
+                parent, base = inner.get_submodule(parent_name), inner.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{name!r} is not a module of the model") from None
+            if not isinstance(base, nn.Linear) or isinstance(parent, nn.MultiheadAttention):
+                raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear that its parent calls")
+            setattr(parent, child, LoRAMoELinear(base, experts, r, lora_alpha, top_k))
             if isinstance(parent, nn.TransformerEncoderLayer):  # its fused inference path reads linear1/2.weight itself;
                 getattr(parent, child).register_forward_pre_hook(no_op)  # a submodule with a hook turns that path off
+    for m in inner.modules():  # in eval, nn.TransformerEncoder turns a padded batch into nested tensors a layer cannot take
+        if isinstance(m, nn.TransformerEncoder) and moe_layers(m):
+            m.use_nested_tensor = False
+    inner.register_forward_pre_hook(clear_routing)
     return model
 
 
 def no_op(module, args):
     return None
 
+
+def unwrapped(model):
+    """The model inside torch.compile's and DDP's wrappers, whose names carry no "_orig_mod." or "module."."""
+    while hasattr(model, "_orig_mod") or isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
 # -----------------------------------------------------------------------------
-# 6. The adapter's state: plain data for torch.save and torch.load(..., weights_only=True)
+# The adapter's state: plain data for torch.save and torch.load(..., weights_only=True)
 
 
 def adapter_state(model):
     """{"allocation": {name: experts}, "lora": {"r", "lora_alpha", "top_k"}, "adapter": {name: tensor}}:
     the LoRA and router weights with what it takes to rebuild them, and nothing of the base."""
-    layers = moe_layers(model)
+    layers = moe_layers(unwrapped(model))
+    if not layers:
+        raise ValueError("the model has no LoRA-MoE layer: apply_lora_moe or load_adapter adds them")
     return {"allocation": {n: m.num_experts for n, m in layers},
             "lora": {"r": layers[0][1].r, "lora_alpha": layers[0][1].lora_alpha, "top_k": max(m.top_k for _, m in layers)},
             "adapter": {f"{n}.{k}": p.detach().clone() for n, m in layers for k, p in m.named_parameters()
@@ -366,17 +456,17 @@ def adapter_state(model):
 
 
 def load_adapter(model, state):
-    """Wrap a fresh copy of the base model as the state says and load its weights. Another model shows as
-    a module it lacks, a shape that differs or a tensor that does not fit, each a clear error."""
-    model = apply_lora_moe(model, state["allocation"], **state["lora"])
-    expected = set(adapter_state(model)["adapter"])
+    """Wrap `model`, a fresh copy of the base, in place as the state says, load its weights and return it.
+    Another model shows as a module it lacks, a shape that differs or a tensor that does not fit, each a clear error."""
+    inner = unwrapped(apply_lora_moe(model, state["allocation"], **state["lora"]))
+    expected = set(adapter_state(inner)["adapter"])
     if set(state["adapter"]) != expected:
         raise ValueError(f"the adapter's tensors do not fit this model ({len(set(state['adapter']) ^ expected)} names differ)")
-    model.load_state_dict(state["adapter"], strict=False)  # a shape that differs raises, naming the tensor
+    inner.load_state_dict(state["adapter"], strict=False)  # a shape that differs raises, naming the tensor
     return model
 
 # -----------------------------------------------------------------------------
-# 7. The tiny GPT of the toy, with separate q, k, v, o projections so that each can get its own experts
+# The tiny GPT of the toy, with separate q, k, v, o projections so that each can get its own experts
 
 
 @dataclass

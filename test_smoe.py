@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, allocate_experts, allocate_uniform, apply_lora_moe,
-                  candidate_names, compute_sensitivity, layer_name, load_adapter, load_balancing_loss, moe_aux_loss,
+                  candidate_names, clear_routing, compute_sensitivity, layer_name, load_adapter, load_balancing_loss, moe_aux_loss,
                   moe_layers, normalise_per_layer, per_example_sq_norms, sensitivity_reference)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +100,25 @@ def test_layer_with_bias_and_rectangular_shape():
     assert_close(layer.forward_plain(x), naive_lora_moe(layer, x))
 
 
+def test_a_layer_without_an_expert_a_rank_or_a_choice_is_refused_with_one_line():
+    for E, r, top_k in [(0, 4, 2), (2, 0, 2), (2, 4, 0)]:
+        with pytest.raises(ValueError, match="needs num_experts, r and top_k of at least 1") as e:
+            LoRAMoELinear(nn.Linear(6, 6), E, r=r, top_k=top_k)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("E,top_k", [(1, 2), (4, 2)])
+def test_an_empty_batch_gives_an_empty_output(E, top_k):
+    # e.g. an expert MLP of a base MoE that no token chose: zero tokens in, zero out, of the right width
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(6, 5), E, r=2, top_k=top_k)
+    for shape in [(0, 6), (3, 0, 6)]:
+        x = torch.randn(*shape)
+        for form in (layer, layer.forward_plain):
+            assert form(x).shape == shape[:-1] + (5,)
+    assert moe_aux_loss(layer).item() == 0
+
+
 @pytest.mark.parametrize("E,top_k", [(1, 2), (2, 1), (4, 1), (4, 2), (3, 3)])
 def test_backward_of_both_forms_equals_the_naive_loop(E, top_k):
     torch.manual_seed(E + 10 * top_k)
@@ -166,7 +185,7 @@ def test_half_precision_base_keeps_a_float32_adapter():
 
 
 def test_a_non_float_base_is_refused_with_one_line():
-    # bug: an int8 weight reached nn.Parameter(torch.empty(..., dtype=int8)) and failed there, naming no layer
+    # checks: an int8 (quantised) base is refused with one line naming its dtype, directly and through apply_lora_moe
     base = nn.Linear(4, 3)
     base.weight = nn.Parameter(torch.randint(-5, 5, (3, 4), dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError) as e:
@@ -189,8 +208,8 @@ class CastsToWeightDtype(nn.Module):
 
 
 def test_a_wrapped_layer_reads_weight_and_bias_through_to_its_base():
-    # bug: a wrapped nn.Linear had no .weight or .bias, so code reading them (a parent, sensitivity,
-    # train.py's parameter count) raised AttributeError once the model was wrapped
+    # checks: a wrapped module's weight and bias are its base's, so a parent, the sensitivity and a parameter
+    # count that read them see the same tensors as before the wrapping
     torch.manual_seed(0)
     model = CastsToWeightDtype()
     base = copy.deepcopy(model)
@@ -210,8 +229,8 @@ def test_a_wrapped_layer_reads_weight_and_bias_through_to_its_base():
 
 
 def test_a_copy_or_pickle_after_a_forward_works():
-    # bug: the last forward's router logits, part of the autograd graph, went into copy.deepcopy and
-    # pickle ("Only Tensors created explicitly by the user support the deepcopy protocol")
+    # checks: copy.deepcopy and pickle leave out the forward's routing record (part of the autograd graph,
+    # which deepcopy refuses), and the original keeps it
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
     apply_lora_moe(model, {names[0]: 3, names[5]: 1}, r=2)
@@ -219,7 +238,7 @@ def test_a_copy_or_pickle_after_a_forward_works():
     x, y = data.get_batch(list(data.TASKS), 4, random.Random(0))
     logits, loss = model(x, y)  # the graph is alive: no backward yet
     twin = copy.deepcopy(model)
-    assert twin.get_submodule(names[0]).router_logits is None and twin.get_submodule(names[0]).top_idx is None
+    assert twin.get_submodule(names[0]).routing == [] and twin.get_submodule(names[0]).top_idx is None
     assert model.get_submodule(names[0]).router_logits is not None  # the original keeps its routing
     assert torch.equal(twin(x)[0], logits)
     buffer = io.BytesIO()
@@ -268,6 +287,17 @@ def test_balancing_loss_is_E_when_every_token_picks_one_expert(E):
     assert abs(balancing(logits, 1).item() - E) < 1e-5
 
 
+@pytest.mark.parametrize("E,top_k", [(4, 2), (8, 2), (6, 3)])
+def test_balancing_loss_is_at_most_E_over_k_and_reaches_it_at_collapse(E, top_k):
+    # each token fills k different experts, so f_i <= 1/k and aux = E sum_i f_i P_i <= (E/k) sum_i P_i = E/k
+    torch.manual_seed(0)
+    logits = torch.zeros(16, E)
+    logits[:, :top_k] = 50.0  # every token on experts 0..k-1, with all its probability there
+    assert abs(balancing(logits, top_k).item() - E / top_k) < 1e-5
+    for scale in (1.0, 5.0, 50.0):
+        assert balancing(scale * torch.randn(16, E), top_k).item() <= E / top_k + 1e-6
+
+
 def test_balancing_loss_worked_by_hand():
     # the docstring: E = 2, k = 1, both tokens on expert 0 with P = (0.75, 0.25): 2 * (1 * 0.75 + 0 * 0.25) = 1.5
     logits = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]])
@@ -290,15 +320,16 @@ def test_balancing_loss_gradient_trains_the_router():
             f[i] += 1 / (N * k)
     assert_close(z.grad, E / N * p * (f - (p * f).sum(-1, keepdim=True)))
     # and on a layer: the balancing loss alone moves a collapsed router towards balance
-    layer = LoRAMoELinear(nn.Linear(8, 8, bias=False), 4, r=2, top_k=1)
+    model = apply_lora_moe(nn.Sequential(nn.Linear(8, 8, bias=False)), {"0": 4}, r=2, top_k=1)
+    layer = model[0]
     with torch.no_grad():
         layer.router.weight[0] += 0.5  # expert 0 wins for most tokens
     x = torch.rand(64, 8)
     optimizer = torch.optim.SGD(layer.router.parameters(), lr=1.0)
     losses = []
     for _ in range(30):
-        layer(x)
-        aux = moe_aux_loss(layer)
+        model(x)
+        aux = moe_aux_loss(model)
         losses.append(aux.item())
         optimizer.zero_grad()
         aux.backward()
@@ -335,9 +366,56 @@ def test_balancing_loss_counts_only_the_masked_tokens():
     assert_close(moe_aux_loss(model, mask=real), sum(by_hand) / 2)
 
 
+class SharedBlock(nn.Module):
+    """One projection applied twice per forward, as a weight-shared (looped) layer is."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(5, 6), nn.Linear(6, 6)
+
+    def forward(self, idx):                                  # (b, L) token ids
+        h = self.emb(idx)
+        return self.proj(torch.tanh(self.proj(h)))           # (b, L, 6)
+
+
+def switch_loss_by_hand(logits, k, keep):
+    """E sum_i f_i P_i token by token over the kept rows of logits (N, E): the Switch formula as a plain loop."""
+    rows = [row for row, kept in zip(logits.tolist(), keep) if kept]
+    E, f, P = len(rows[0]), [0.0] * len(rows[0]), [0.0] * len(rows[0])
+    for row in rows:
+        probs = [math.exp(z) / sum(math.exp(w) for w in row) for z in row]
+        for i in sorted(range(E), key=lambda i: -row[i])[:k]:
+            f[i] += 1 / (len(rows) * k)
+        for i in range(E):
+            P[i] += probs[i] / len(rows)
+    return E * sum(a * b for a, b in zip(f, P))
+
+
+def test_aux_loss_covers_every_call_of_a_module_in_the_latest_forward():
+    torch.manual_seed(0)
+    model = apply_lora_moe(SharedBlock(), {"proj": 4}, r=2, top_k=2)
+    with_nonzero_B(model)
+    proj = model.proj
+    for _ in range(2):  # a second forward starts a new record: its loss covers its own two calls only
+        idx = torch.randint(0, 5, (3, 4))
+        mask = torch.rand(3, 4) > 0.3
+        model(idx)
+        # by hand: the router on the first call's input and on the second call's input, 2 x 12 tokens
+        h = model.emb(idx).reshape(-1, 6)
+        second = torch.tanh(naive_lora_moe(proj, h))                    # (12, 6) the second call's input
+        logits = torch.cat([h @ proj.router.weight.t(), second @ proj.router.weight.t()]).detach()  # (24, E)
+        assert len(proj.routing) == 2
+        keep = mask.flatten().tolist() * 2  # the mask applies to each call
+        assert math.isclose(moe_aux_loss(model, mask=mask).item(), switch_loss_by_hand(logits, 2, keep), rel_tol=1e-5)
+        assert math.isclose(moe_aux_loss(model).item(), switch_loss_by_hand(logits, 2, [True] * 24), rel_tol=1e-5)
+    with pytest.raises(ValueError, match=r"the mask has 6 tokens and proj routed \[12, 12\] in its calls"):
+        moe_aux_loss(model, mask=mask[:2, :3])
+    assert copy.deepcopy(model).proj.routing == []  # and a copy after the forward still works
+
+
 def test_aux_loss_leaves_out_layers_that_use_every_expert():
-    # bug: a layer with E <= k (here E = 2 at k = 2) entered the mean with its constant 1, so the
-    # E = 4 router got half the gradient the coefficient asks for
+    # checks: a layer with E <= k (here E = 2 at k = 2) stays out of the mean, so the E = 4 router gets the
+    # whole gradient the coefficient asks for, not half of it
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
     apply_lora_moe(model, {names[0]: 2, names[1]: 4, names[2]: 1}, r=2, top_k=2)
@@ -363,6 +441,7 @@ def test_aux_loss_leaves_out_layers_that_use_every_expert():
 
 def gpt_logits(model, idx, use_reentrant=None):
     """GPT.forward, each block under activation checkpointing (use_reentrant True or False) or not (None)."""
+    clear_routing(model)  # a new forward: what the model's own forward pre-hook does
     x = model.tok_emb(idx) + model.pos_emb(torch.arange(idx.shape[1]))
     if use_reentrant:
         x.requires_grad_(True)  # the reentrant form needs an input that requires grad to backpropagate at all
@@ -372,8 +451,8 @@ def gpt_logits(model, idx, use_reentrant=None):
 
 
 def test_aux_loss_under_activation_checkpointing_trains_or_raises_one_clear_error():
-    # bug: under reentrant checkpointing the forward runs without grad, so the stored router logits had
-    # none and the balancing loss silently trained nothing
+    # checks: non-reentrant checkpointing gives the plain gradients; under reentrant checkpointing the forward
+    # runs without grad, so the router logits have none, and moe_aux_loss says so instead of training nothing
     model = tiny_gpt()
     names = candidate_names(model, TARGETS)
     apply_lora_moe(model, {names[0]: 4, names[4]: 3, names[6]: 1}, r=2, top_k=2)
@@ -413,13 +492,14 @@ def per_example_loop(model, task_batches_, loss_fn, names, unpad=False):
     scores = {}
     for task, batches in task_batches_.items():
         scores[task] = dict.fromkeys(names, 0.0)
-        for x, y in batches:
-            for i in range(len(x)):
-                xi, yi = x[i:i + 1], y[i:i + 1]
+        for batch in batches:  # a tensor, or a tuple of tensors with the batch first
+            parts = batch if isinstance(batch, tuple) else (batch,)
+            for i in range(len(parts[0])):
+                example = tuple(t[i:i + 1] for t in parts)
                 if unpad:  # the line up to its own length
-                    n = int((xi != data.STOI[data.PAD]).sum())
-                    xi, yi = xi[:, :n], yi[:, :n]
-                loss = loss_fn(model, (xi, yi)).sum()
+                    n = int((example[0] != data.STOI[data.PAD]).sum())
+                    example = tuple(t[:, :n] for t in example)
+                loss = loss_fn(model, example if isinstance(batch, tuple) else example[0]).sum()
                 for name, g in zip(names, torch.autograd.grad(loss, weights, allow_unused=True)):
                     scores[task][name] += 0.0 if g is None else g.double().pow(2).sum().item()
     return scores
@@ -538,6 +618,90 @@ def test_sensitivity_leaves_the_model_as_found():
         assert not any(m._forward_hooks for m in model.modules())  # its hooks are removed
 
 
+class DropoutAndBatchNorm(nn.Module):
+    """A training model with a BatchNorm its user keeps in eval (frozen statistics) and a Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.drop, self.down = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)
+        self.norm.running_mean.normal_()
+        self.norm.eval()
+
+    def forward(self, x):                                    # (b, 4)
+        return self.down(self.drop(torch.relu(self.norm(self.up(x)))))
+
+
+def test_both_forms_measure_the_model_in_eval_mode_and_leave_each_module_in_its_own_mode():
+    # one definition for both: dropout off, the pretrained model as it is; a BatchNorm left in eval stays in eval
+    torch.manual_seed(0)
+    model, x = DropoutAndBatchNorm(), torch.randn(6, 4)
+    loss_fn = lambda model, batch: model(batch).pow(2).sum(dim=1)  # noqa: E731  (b,)
+    modes = [m.training for m in model.modules()]
+    assert modes == [True, True, False, True, True]
+    expected = per_example_loop(model.eval(), {"t": [x]}, loss_fn, ["up", "down"])  # each example alone, in eval
+    model.train().norm.eval()
+    for form in (compute_sensitivity, sensitivity_reference):
+        torch.manual_seed(1)  # were dropout on, each form would drop other units
+        assert_scores_close(form(model, {"t": [x]}, loss_fn, ["up", "down"]), expected, rel=1e-5)
+        assert [m.training for m in model.modules()] == modes, form.__name__
+
+
+def test_a_loss_that_is_not_one_per_example_is_one_clear_error():
+    # a batch's mean, or losses for some of the examples, would score other gradients than the examples'
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(4, 3, 4)
+    for loss_fn, shape in [(lambda m, b: m(b).pow(2).mean(), "shape ()"), (lambda m, b: m(b).pow(2).sum(dim=(1, 2))[:2], "2 losses")]:
+        with pytest.raises(ValueError, match="one loss per example") as e:
+            compute_sensitivity(model, {"t": [x]}, loss_fn, ["proj"])
+        assert shape in str(e.value) and "\n" not in str(e.value)
+
+
+class Flattens(nn.Module):
+    """Tokens flattened to (b*L, C) before the candidate, as the expert MLPs of an MoE model get them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):                                    # (b, L, C)
+        return self.proj(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def test_a_candidate_whose_input_is_not_batch_first_is_one_clear_error():
+    torch.manual_seed(0)
+    loss_fn = lambda model, x: model(x).pow(2).sum(dim=(1, 2))  # noqa: E731  (b,)
+    with pytest.raises(ValueError, match=r"proj's input is \(12, 4\) for 4 losses.*batch first"):
+        compute_sensitivity(Flattens(), {"t": [torch.randn(4, 3, 4)]}, loss_fn, ["proj"])
+    # PyTorch's default batch_first=False: (L, b, C) inputs. With L == b no shape can tell, so the layer is named
+    layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0)
+    for L in (5, 3):
+        with pytest.raises(ValueError, match="linear1 is in a TransformerEncoderLayer built with batch_first=False"):
+            compute_sensitivity(layer, {"t": [torch.randn(L, 3, 8)]}, lambda m, x: m(x).pow(2).sum(dim=(0, 2)), ["linear1"])
+
+
+class TiedPair(nn.Module):
+    """Two linears that share one weight tensor, as tied or looped weights do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_candidates_sharing_one_weight_each_get_the_score_of_its_gradient():
+    # the definition is the weight's: ||d l(x)/dW||^2 with both modules' calls in dl/dW, the same for both names
+    torch.manual_seed(0)
+    model, x = TiedPair(), torch.randn(5, 3, 4)
+    loss_fn = lambda model, batch: model(batch).pow(2).sum(dim=(1, 2))  # noqa: E731  (b,)
+    fast = compute_sensitivity(model, {"t": [x]}, loss_fn, ["a", "b"])
+    assert fast["t"]["a"] == fast["t"]["b"]
+    assert_scores_close(fast, per_example_loop(model, {"t": [x]}, loss_fn, ["a", "b"]))
+    assert_scores_close(fast, sensitivity_reference(model, {"t": [x]}, loss_fn, ["a", "b"]))
+
+
 def test_sensitivity_saves_nothing_for_backward_after_the_forward_pass():
     """Squaring per-example gradients must build no graph: on a large model the (b, O, C) tensors it
     kept alive ran the process out of memory."""
@@ -593,6 +757,9 @@ def test_per_layer_normalisation_and_layer_names_worked_examples():
     assert layer_name("layers.3.attn.q_proj") == "layers.3"
     assert layer_name("encoder.layers.10.linear1") == "encoder.layers.10"
     assert layer_name("encoder.layers.1.linear1") != layer_name("decoder.layers.1.linear1")
+    assert layer_name("encoder.block.0.layer.1.DenseReluDense.wi") == "encoder.block.0"  # T5: layer.1 is block 0's MLP
+    assert layer_name("model.layers.3.mlp.experts.7.w1") == "model.layers.3"              # an MoE's expert 7 of layer 3
+    assert layer_name("lm_head") == "lm_head"
 
 # -----------------------------------------------------------------------------
 # Allocation
@@ -653,17 +820,28 @@ def test_allocation_rejects_budgets_out_of_range(budget):
         allocate_experts(scores, budget)
 
 
-def test_allocation_refuses_scores_that_are_not_finite():
-    with pytest.raises(ValueError, match="not finite"):
-        allocate_experts({"a": {"q": 1.0, "k": float("nan")}}, 1)
+def test_allocation_refuses_scores_it_cannot_vote_from_with_one_line():
+    scores = {"a": {"q": 1.0, "k": 2.0}, "b": {"q": 3.0, "k": 0.5}}
+    for sensitivity, budget, message in [
+            ({"a": {"q": 1.0, "k": float("nan")}}, 1, "not finite"),
+            ({}, 1, "no scores to allocate from"),
+            ({"a": {"q": 1.0, "k": 2.0}, "b": {"q": 3.0}}, 2, "task 'b' scores other modules than task 'a'"),
+            ({"b": {"q": 1.0, "k": 2.0}, "a": {"q": 3.0}}, 2, "task 'b' scores other modules than task 'a'"),
+            ({**scores, "c": {"q": 0.0, "k": 0.0}}, 3, "task 'c' scores every module 0"),  # its votes would go by module order
+            (scores, 2.5, "a whole number, got 2.5")]:
+        with pytest.raises(ValueError, match=message) as e:
+            allocate_experts(sensitivity, budget)
+        assert "\n" not in str(e.value)
+    assert allocate_experts({**scores, "c": {"q": 0.0, "k": 1.0}}, 3) == {"q": 1, "k": 2}  # zeros beside a score are fine
 
 
 def test_uniform_allocation_and_its_budget_error():
     names = [f"layers.{i}.attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")]
     assert allocate_uniform(names, 8) == {n: 1 for n in names}  # budget = M: plain LoRA
     assert allocate_uniform(names, 24) == {n: 3 for n in names}
-    with pytest.raises(ValueError, match="needs a multiple of the 8 candidate matrices, got 20"):
-        allocate_uniform(names, 20)
+    for budget in (20, 0, -8):
+        with pytest.raises(ValueError, match=rf"needs a multiple of the 8 candidate matrices \(at least 8\), got {budget}"):
+            allocate_uniform(names, budget)
 
 # -----------------------------------------------------------------------------
 # Wrapping a model, and training
@@ -695,6 +873,27 @@ def test_apply_wraps_only_allocated_modules_and_freezes_the_rest():
     assert set(adapter_state(model)["adapter"]) == trainable
     with pytest.raises(TypeError, match="layers.0.ln_1 is a LayerNorm, not an nn.Linear"):
         apply_lora_moe(tiny_gpt(), {"layers.0.ln_1": 1})
+    for name in ("nope", "layers.9.attn.q_proj", "layers.0.attn.w_proj"):
+        with pytest.raises(ValueError, match=f"'{name}' is not a module of the model"):
+            apply_lora_moe(tiny_gpt(), {name: 2})
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 projection, y = x W + b with W (in, out): not an nn.Linear."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_a_gpt2_conv1d_target_is_refused_with_the_way_to_an_nn_linear():
+    model = nn.Sequential()
+    model.add_module("c_attn", Conv1D(12, 4))
+    with pytest.raises(ValueError, match="target 'c_attn' matches no nn.Linear.* but a Conv1D; .*linear_from_conv1d"):
+        candidate_names(model, ["c_attn"])
 
 
 def test_training_step_moves_only_adapter_parameters():
@@ -750,6 +949,34 @@ def test_a_few_steps_on_one_batch_lower_the_loss_and_the_adapter_alone_rebuilds_
     restored = load_adapter(copy.deepcopy(base), torch.load(buffer, weights_only=True))
     assert torch.equal(restored(x)[0], model(x)[0])
     assert not torch.equal(restored(x)[0], base(x)[0])  # and it is not the base
+
+
+def test_adapter_state_of_a_model_without_adapters_is_one_clear_error():
+    with pytest.raises(ValueError, match="no LoRA-MoE layer: apply_lora_moe or load_adapter adds them"):
+        adapter_state(tiny_gpt())
+
+
+def test_adapter_state_through_torch_compile_and_ddp_has_the_models_own_names(tmp_path):
+    # the wrappers' "_orig_mod." and "module." are not the model's names: a state with them fits no fresh base
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    base = tiny_gpt()
+    names = candidate_names(base, TARGETS)
+    model = with_nonzero_B(apply_lora_moe(copy.deepcopy(base), {names[0]: 3, names[5]: 1}, r=2))
+    x, _ = data.get_batch(list(data.TASKS), 4, random.Random(0))
+    expected = model(x)[0]
+    compiled = torch.compile(model, backend="eager")  # the wrapper without a compiler: the names are the same
+    state = adapter_state(compiled)
+    assert set(state["adapter"]) == set(adapter_state(model)["adapter"])
+    restored = load_adapter(torch.compile(copy.deepcopy(base), backend="eager"), state)  # onto a wrapper as well
+    assert torch.equal(restored(x)[0], expected)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        state = adapter_state(nn.parallel.DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
+    assert set(state["adapter"]) == set(adapter_state(model)["adapter"])
+    assert torch.equal(load_adapter(copy.deepcopy(base), state)(x)[0], expected)
 
 
 def test_load_adapter_refuses_a_mismatched_state():
@@ -854,3 +1081,36 @@ def test_a_wrapped_transformer_encoder_runs_its_adapter_in_eval_mode():
     with torch.no_grad():
         assert_close(model.eval()(x), trained, atol=1e-5)
     assert_close(model.eval()(x), trained, atol=1e-5)  # with grad enabled too: the base weights are frozen
+
+
+class PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder as PyTorch builds it by default (enable_nested_tensor=True), fed a padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 8)                        # token 0 is padding
+        layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):                                    # (b, L) token ids, padded on the right
+        real = x != 0
+        h = self.encoder(self.emb(x), src_key_padding_mask=~real)  # (b, L, C)
+        return self.head((h * real[..., None]).sum(1) / real.sum(1, keepdim=True))
+
+
+def test_a_padded_batch_through_a_default_transformer_encoder_in_eval_mode():
+    # in eval, nn.TransformerEncoder turns a padded batch into nested tensors, which neither the sensitivity's
+    # hooks nor a LoRA-MoE layer can take: both run it without them, and its flag comes back as it was
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    x = torch.tensor([[1, 2, 3, 4], [5, 1, 0, 0], [2, 2, 2, 0]])
+    loss_fn = lambda model, x: model(x).pow(2).sum(dim=1)  # noqa: E731  (b,)
+    names = ["encoder.layers.0.linear1", "encoder.layers.1.linear2"]
+    scores = compute_sensitivity(model, {"t": [x]}, loss_fn, names)
+    assert model.encoder.use_nested_tensor and not model.training
+    assert_scores_close(scores, per_example_loop(model, {"t": [x]}, loss_fn, names))
+    with_nonzero_B(apply_lora_moe(model, dict.fromkeys(names, 2), r=2))
+    with torch.no_grad():
+        assert_close(model.eval()(x), model.train()(x))  # dropout is 0: the same function in both modes
+
