@@ -174,3 +174,14 @@ def answers(model, eval_sets):
 def exact_match(got, eval_sets):
     """{task: share of answers equal to the expected ones, the final "." included}."""
     return {task: sum(g == a for g, (_, a) in zip(got[task], pairs)) / len(pairs) for task, pairs in eval_sets.items()}
+
+
+def table(eval_sets, n, base_answers, answers):
+    """The held-out results as train.py's step 6 prints them (sample.py --evaluate too): a title, each task's exact
+    match for the base and the tuned model with its first example, then the mean over the tasks."""
+    base_acc, acc = exact_match(base_answers, eval_sets), exact_match(answers, eval_sets)
+    fewer = ", ".join(f"{t}: all {len(pairs)} it has" for t, pairs in eval_sets.items() if len(pairs) < n)
+    lines = [f"held-out exact match, {n} examples per task{f' ({fewer})' if fewer else ''}, greedy decoding:",
+             f"{'task':<8} {'base':>5} {'tuned':>6}   an example: prompt, expected, tuned answer"]
+    lines += [f"{t:<8} {base_acc[t]:>5.2f} {acc[t]:>6.2f}   {pairs[0][0]} {pairs[0][1]} {answers[t][0]}" for t, pairs in eval_sets.items()]
+    return lines + [f"{'mean':<8} {sum(base_acc.values()) / len(acc):>5.2f} {sum(acc.values()) / len(acc):>6.2f}"]

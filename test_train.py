@@ -5,6 +5,7 @@ against plain references. Run: pytest test_smoe.py test_train.py experiments/   
 
 import ast
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from smoe import (GPT, GPTConfig, adapter_state, allocate_experts, apply_lora_mo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
+SAMPLE = os.path.join(HERE, "sample.py")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -139,6 +141,12 @@ def test_batched_greedy_decoding_equals_one_line_at_a_time():
     assert data.exact_match({"t": ["xy.", "zzzq."]}, eval_sets) == {"t": 0.5}
 
 
+def test_exact_match_counts_the_final_dot():
+    # by hand: of "cba." (right), "cbaa" (no end: the model wrote on), "cba" and "cba_", only the first matches "cba."
+    eval_sets = {"reverse": [("Rabc=", "cba.")] * 4}
+    assert data.exact_match({"reverse": ["cba.", "cbaa", "cba", "cba_"]}, eval_sets) == {"reverse": 0.25}
+
+
 def test_smoe_data_and_train_never_import_transformers():
     for file in ("smoe.py", "data.py", "train.py"):  # transformers is the Hugging Face example's dependency only
         tree = ast.parse(open(os.path.join(HERE, file)).read())
@@ -161,17 +169,17 @@ def run_train(*argv, timeout=180):
                           timeout=timeout)
 
 
-def run_in_process(*argv):
-    """train.py run in this process as `python train.py ARGV` runs it -> (exit status, stdout, stderr).
+def run_in_process(*argv, script=TRAIN):
+    """train.py (or `script`) run in this process as `python train.py ARGV` runs it -> (exit status, stdout, stderr).
     SystemExit is handled as the interpreter does (a message to stderr, status 1); any other exception
     propagates, as a traceback would end the real process. Its signal handlers are put back."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out, err, saved = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = [TRAIN, *argv]
+    sys.argv = [script, *argv]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(TRAIN, run_name="__main__")
+                runpy.run_path(script, run_name="__main__")
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) or e.code is None else 1
@@ -227,7 +235,7 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     assert sorted(os.listdir(out)) == ["adapter.pt", "allocation.json", "checkpoint.pt", "results.json"]
     (base_file,) = os.listdir(cache)
     assert base_file.startswith("base-") and results["base"] == os.path.join(cache, base_file)
-    assert set(results) == {"config", "model_config", "base", "allocation", "parameters", "sensitivity", "history",
+    assert set(results) == {"config", "model_config", "base", "base_fingerprint", "allocation", "parameters", "sensitivity", "history",
                             "base_accuracy", "accuracy", "mean", "routing", "times_s", "examples"}
     with open(os.path.join(out, "allocation.json")) as f:
         allocation = json.load(f)
@@ -244,8 +252,8 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     by_hand = sum(n * 8 * (128 if name.endswith("v_proj") else 192) + (64 * n if n > 1 else 0) for name, n in allocation.items())
     base = sum(p.numel() for p in GPT(GPTConfig(**results["model_config"])).parameters())
     assert results["parameters"] == {"total": base + by_hand, "trainable": by_hand, "plain_lora": 8 * (8 * 128 + 8 * 192)}
-    assert (f"to compare, plain LoRA: the same 16 experts spread evenly, 20,480 trainable parameters against these "
-            f"{by_hand:,}: python train.py --alloc uniform --budget 16") in proc.stdout
+    assert (f"   to compare, plain LoRA: the same 16 experts spread evenly, 20,480 trainable parameters against these "
+            f"{by_hand:,}: python train.py --alloc uniform --budget 16 ") in proc.stdout
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 40
     state = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)
     assert state["allocation"] == allocation and state["lora"] == {"r": 8, "lora_alpha": 16.0, "top_k": 2}
@@ -257,6 +265,87 @@ def test_train_py_end_to_end_with_tiny_settings(reference, cache):
     batches = {t: [data.get_batch([t], 8, rng)] for t in data.TASKS}
     assert_scores_close(results["sensitivity"], compute_sensitivity(model, batches, data.example_losses,
                                                                     candidate_names(model, results["config"]["targets"])))
+
+
+def test_the_comparator_line_runs_plain_lora_on_the_same_base_into_its_own_folder(reference, cache):
+    line = next(line for line in reference["proc"].stdout.splitlines() if "to compare, plain LoRA" in line)
+    argv = line.split(": python train.py ")[1].split()
+    assert argv[argv.index("--out") + 1] == reference["out"] + "-uniform" and argv[argv.index("--cache") + 1] == cache
+    files = lambda folder: {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}  # noqa: E731
+    before = files(reference["out"])
+    code, stdout, stderr = run_in_process(*argv)
+    assert code == 0, stderr[-3000:]
+    assert files(reference["out"]) == before  # the run it compares with is left as it was
+    results = read_results(reference["out"] + "-uniform")
+    assert results["base"] == reference["results"]["base"] and results["allocation"] == {
+        n: 1 for n in candidate_names(GPT(GPTConfig(**results["model_config"])), ["v_proj", "up_proj"])}
+    assert results["parameters"]["trainable"] == 20480  # plain LoRA r=8 on the 16 candidates, by hand in the test above
+    same = ("alloc", "out")  # every other setting is the reference run's
+    assert {k: v for k, v in results["config"].items() if k not in same} == \
+           {k: v for k, v in reference["results"]["config"].items() if k not in same}
+    numbered = [line.split(".")[0] for line in stdout.splitlines() if line[:1].isdigit()]
+    assert numbered == ["1", "2", "3", "4", "5", "6"]  # every step has its line, the skipped sensitivity too
+
+
+def test_the_default_base_is_the_one_kept_in_the_repository(tmp_path):
+    """The flags of the default base (base seed 0, the default pretraining) load base/'s file: nothing is pretrained or
+    cached, and the printed fingerprint is the sha256 of the file's weights in name order, computed here."""
+    (kept_file,) = os.listdir(os.path.join(HERE, "base"))
+    kept = torch.load(os.path.join(HERE, "base", kept_file), weights_only=True)
+    recipe = json.loads(kept["key"])
+    assert (recipe["seed"], recipe["steps"], recipe["batch"], recipe["lr"]) == (0, 2000, 32, 1e-3)
+    by_hand = hashlib.sha256(b"".join(kept["model"][k].numpy().tobytes() for k in sorted(kept["model"]))).hexdigest()[:12]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_in_process("--steps", "2", "--batch-size", "4", "--sens-batches", "1", "--eval-examples", "2",
+                                          "--device", "cpu", "--out", str(out))
+    assert code == 0, stderr[-3000:]
+    assert f"1. loaded the pretrained base model kept in {os.path.relpath(os.path.join(HERE, 'base', kept_file))}" in stdout
+    assert f"   fingerprint {by_hand}; held-out exact match" in stdout
+    assert read_results(out)["base"] == os.path.join(HERE, "base", kept_file) and read_results(out)["base_fingerprint"] == by_hand
+    assert not [f for f in os.listdir(out) if f.startswith("base-")]
+
+
+def test_fine_tuning_is_the_plain_loop_with_loss_ce_plus_aux_coef_times_the_masked_balancing_loss(reference, tmp_path):
+    """train.py's adapter after a few steps equals this loop's: loss = ce + aux_coef * aux, aux the balancing loss written
+    out here from each router's logits (E * sum_i f_i P_i over the real tokens, padding left out, averaged over the
+    routers that choose), with a gradient. aux_coef 3 makes the balancing loss move every router."""
+    out, steps, aux_coef = str(tmp_path / "out"), 4, 3.0
+    code, _, stderr = run_in_process(*without(reference["flags"], "--steps"), "--steps", str(steps), "--aux-coef", str(aux_coef),
+                                     "--out", out)
+    assert code == 0, stderr[-3000:]
+    results = read_results(out)
+    model = GPT(GPTConfig(**results["model_config"]))
+    model.load_state_dict(torch.load(results["base"], weights_only=True)["model"])
+    torch.manual_seed(0)
+    apply_lora_moe(model, results["allocation"], r=8, lora_alpha=16.0, top_k=2)
+    routers = [m for _, m in moe_layers(model) if m.top_k < m.num_experts]
+    assert routers
+    inputs = {}
+    for m in routers:
+        m.register_forward_hook(lambda m, args, _: inputs.__setitem__(m, args[0].reshape(-1, args[0].shape[-1])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = results["config"]["lr"]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random("finetune-0-0")
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x, y = data.get_batch(list(data.TASKS), 8, rng)
+        _, ce = model(x, y)
+        real = (x != data.STOI[data.PAD]).flatten()
+        aux = []
+        for m in routers:
+            probs = m.router(inputs[m][real]).softmax(-1)                         # (n, E) the real tokens only
+            chosen = torch.zeros_like(probs).scatter(-1, probs.topk(m.top_k, dim=-1).indices, 1.0)
+            f, P = chosen.mean(0) / m.top_k, probs.mean(0)                         # (E,) share of slots, mean probability
+            aux.append(m.num_experts * (f * P).sum())
+        loss = ce + aux_coef * sum(aux) / len(aux)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    saved = torch.load(os.path.join(out, "adapter.pt"), weights_only=True)["adapter"]
+    for name, t in adapter_state(model)["adapter"].items():
+        assert_close(saved[name], t, atol=1e-5, rtol=1e-4)
 
 
 def test_same_seed_gives_the_same_run_even_when_stopped_by_sigint_and_resumed(reference, tmp_path):
@@ -295,12 +384,21 @@ def test_same_seed_gives_the_same_run_even_when_stopped_by_sigint_and_resumed(re
     assert numbers(read_results(out)) == numbers(reference["results"])
 
 
-def test_prompt_and_evaluate_on_a_finished_run(reference):
+def step_6(stdout):
+    """The lines of train.py's step 6, from its title to the mean, without their indent and the "6. "."""
+    lines = [line.removeprefix("6. ").strip() for line in stdout.splitlines()]
+    first = next(i for i, line in enumerate(lines) if line.startswith("held-out exact match"))
+    last = next(i for i, line in enumerate(lines) if line.startswith("mean "))
+    return lines[first:last + 1]
+
+
+def test_sample_py_asks_a_finished_run_and_prints_its_table_again(reference):
     results, out = reference["results"], reference["out"]
     examples = [rows[0] for rows in results["examples"].values()]
-    proc = run_train("--out", out, *[a for e in examples for a in ("--prompt", e["prompt"])], "--evaluate")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    code, stdout, stderr = run_in_process("--out", out, *[a for e in examples for a in ("--prompt", e["prompt"])], "--evaluate",
+                                          script=SAMPLE)
+    assert code == 0, stderr[-3000:]
+    lines = stdout.splitlines()
     # the answers: the base plus the saved adapter, decoded here one character at a time, up to the first "."
     model = GPT(GPTConfig(**results["model_config"]))
     model.load_state_dict(torch.load(results["base"], weights_only=True)["model"])
@@ -310,9 +408,27 @@ def test_prompt_and_evaluate_on_a_finished_run(reference):
         head, dot, _ = written.partition(".")
         assert line == e["prompt"] + head + dot
         assert written[:len(e["expected"])] == e["tuned"]  # as the trained model answered in memory
-    # then the held-out table again, as results.json has it, and nothing else: nothing trains
-    assert lines[len(examples):] == [f"{t:<8} base {results['base_accuracy'][t]:.2f} tuned {a:.2f}"
-                                     for t, a in results["accuracy"].items()]
+    # then step 6's table, line for line as train.py printed it, and nothing else: nothing trains
+    table = [line.strip() for line in lines[len(examples):]]
+    assert table == step_6(reference["proc"].stdout)
+    for t, a in results["accuracy"].items():
+        assert any(row.split()[:3] == [t, f"{results['base_accuracy'][t]:.2f}", f"{a:.2f}"] for row in table)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "A7+48"], "argument --prompt: expected a line up to its '=', like A7+48=, got 'A7+48'"),
+    (["--prompt", "Z12="], "argument --prompt: 'Z12=' starts with 'Z', not a task's tag (C copy, F sums, R reverse, S sort, "
+                           "H shift, A add)"),
+    (["--prompt", "Rhello="], "argument --prompt: 'Rhello=' holds 'lo': the toy's letters are a to j, its digits 0 to 9"),
+    (["--prompt", "Rabcdefghijkl="], "argument --prompt: 'Rabcdefghijkl=' is too long: the model reads 12 characters, "
+                                     "prompt and answer together (the tasks' inputs have 3 to 5 letters)"),
+    ([], "nothing to do: give --prompt TEXT or --evaluate"),
+    (["--evaluate"], "--out {tmp} holds no finished run to load ([Errno 2] No such file or directory: '{tmp}/results.json')"),
+])
+def test_sample_py_bad_flags_give_one_error_line(argv, message, tmp_path):
+    code, _, err = run_in_process("--out", str(tmp_path), *argv, script=SAMPLE)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "sample.py: error: " + message.replace("{tmp}", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +442,7 @@ def from_file(reference, tmp_path_factory):
 
 def test_an_allocation_file_written_by_a_run_reproduces_that_run(reference, from_file):
     assert from_file["code"] == 0, from_file["stderr"][-3000:]
-    assert "2. sensitivity" not in from_file["stdout"]  # the file replaces sensitivity and allocation
+    assert "2. sensitivity: not measured, --allocation does not use it" in from_file["stdout"]  # the file replaces steps 2 and 3
     results = read_results(from_file["out"])
     assert results["config"]["budget"] == 16 and results["sensitivity"] is None
     # the same allocation, seed and batches: the same adapter, tensor for tensor, and the same results
@@ -357,7 +473,7 @@ def test_a_run_with_an_allocation_file_resumes(reference, from_file):
 
 
 ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '{"layers.0.attn.v_proj": 1.5}',
-                    "unknown module": '{"layers.9.attn.q_proj": 1}', "no experts": '{"layers.0.attn.v_proj": 0}',
+                    "unknown module": '{"layers.9.attn.q_proj": 1}', "no experts": '{"layers.0.attn.v_proj": 0}', "empty": "{}",
                     "7 experts": '{"layers.0.attn.v_proj": 3, "layers.1.mlp.up_proj": 4}'}
 
 
@@ -368,9 +484,10 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
     (["--tasks", "add", "--budget", "17"], "--budget: at most tasks x candidate matrices = 1 x 16 = 16, got 17"),
     (["--alloc", "uniform", "--budget", "40"], "--budget: a uniform allocation needs a multiple of the 16 candidate matrices, got 40"),
     (["--alloc", "greedy"], "argument --alloc: invalid choice: 'greedy' (choose from "),  # the list's quotes vary with Python
-    (["--tasks", "reverse,copy"], "argument --tasks: expected names from reverse,sort,shift,add, got 'reverse,copy'"),
-    (["--targets", "q_proj,x_proj"], "argument --targets: expected names from q_proj,k_proj,v_proj,o_proj,up_proj,down_proj, "
-                                     "got 'q_proj,x_proj'"),
+    (["--tasks", "reverse,copy"], "argument --tasks: expected distinct names from reverse,sort,shift,add, got 'reverse,copy'"),
+    (["--tasks", "add,add"], "argument --tasks: expected distinct names from reverse,sort,shift,add, got 'add,add'"),
+    (["--targets", "q_proj,x_proj"], "argument --targets: expected distinct names from q_proj,k_proj,v_proj,o_proj,up_proj,"
+                                     "down_proj, got 'q_proj,x_proj'"),
     (["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
     (["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
     (["--top-k", "0"], "argument --top-k: expected a whole number >= 1, got '0'"),
@@ -380,14 +497,17 @@ ALLOCATION_FILES = {"bad JSON": "{not json", "a list": "[1, 2]", "a fraction": '
     (["--allocation", "a fraction"], "--allocation: expected a JSON object {matrix name: whole number of experts >= 0}"),
     (["--allocation", "unknown module"], "--allocation names layers.9.attn.q_proj, not one of the candidate matrices (--targets)"),
     (["--allocation", "no experts"], "the allocation spends no experts: nothing would train"),
+    (["--allocation", "empty"], "the allocation spends no experts: nothing would train"),
     (["--allocation", "7 experts", "--budget", "16"], "--budget 16 differs from the 7 experts of --allocation"),
     (["--cache", "/dev/null"], "--out or --cache: [Errno 17] File exists: '/dev/null'"),
     (["--resume"], "--resume: {tmp}/out/checkpoint.pt does not exist"),
     (["--resume", "--out", "{ref}", "--lr", "0.001"], "--resume: --lr 0.001 differs from the checkpoint's 0.01"),
-    (["--prompt", "A7+48"], "--prompt 'A7+48': expected a line up to its '=', like A7+48=, in the toy's characters"),
-    (["--prompt", "Rxyz="], "--prompt 'Rxyz=': expected a line up to its '=', like A7+48=, in the toy's characters"),
-    (["--evaluate"], "--out {tmp}/out holds no finished run to load ([Errno 2] No such file or directory: "
-                     "'{tmp}/out/results.json')"),
+    (["--device", "tpu"], f"argument --device: expected auto, cpu, cuda, cuda:N or mps that this PyTorch build "
+                          f"({torch.__version__}) can use here, got 'tpu'"),
+    pytest.param(["--device", "cuda"], f"argument --device: expected auto, cpu, cuda, cuda:N or mps that this PyTorch build "
+                                       f"({torch.__version__}) can use here, got 'cuda'",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can use cuda")),
+    (["--prompt", "A7+48="], "unrecognized arguments: --prompt A7+48="),  # the usage line above it names sample.py
 ])
 def test_bad_flags_give_one_error_line_and_no_traceback(argv, message, tmp_path, request):
     """Files named in ALLOCATION_FILES are written first, and those runs load the cached base (their checks
@@ -408,7 +528,8 @@ def test_bad_flags_give_one_error_line_and_no_traceback(argv, message, tmp_path,
 def test_a_bad_flag_in_a_real_process_exits_2_with_usage_and_one_error_line(tmp_path):
     proc = run_train("--budget", "0", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == ["usage: python train.py [flags]; python train.py --help lists them",
+    assert proc.stderr.splitlines() == ["usage: python train.py [flags]; python train.py --help lists them; "
+                                        "python sample.py asks a finished run",
                                         "train.py: error: argument --budget: expected a whole number >= 1, got '0'"]
     assert not (tmp_path / "out").exists()
 

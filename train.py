@@ -1,15 +1,17 @@
 """
-LoRA-SMoE on the toy tasks of data.py, every step in plain sight, top to bottom: the flags, the
-pretrained base, each task's sensitivity to each candidate matrix, the budgeted allocation, the
-LoRA-MoE layers, fine-tuning with loss = ce + aux_coef * aux, evaluation, saving.
+LoRA-SMoE on the toy tasks of data.py, every step in plain sight, top to bottom: the pretrained base, each task's
+sensitivity to each candidate matrix, the budgeted allocation, the LoRA-MoE layers, fine-tuning with
+loss = ce + aux_coef * aux, evaluation, saving.
 
-    python train.py --budget 16                             the whole run (python train.py --help)
-    python train.py --out out --resume                      continue a stopped run from out/checkpoint.pt
-    python train.py --out out --prompt A7+48=               ask a finished run (--evaluate: its table again)
-    torchrun --nproc_per_node=2 train.py --budget 16        one process per device, as nanoGPT
+    python train.py --budget 16                          the whole run (python train.py --help lists the flags)
+    python train.py --out out --resume                   continue a stopped run from out/checkpoint.pt
+    python sample.py --out out --prompt A7+48=           ask the finished run (sample.py --help)
+    torchrun --nproc_per_node=2 train.py --budget 16     one process per device, as nanoGPT
 
-Writes to --out: allocation.json, results.json, adapter.pt and checkpoint.pt (every --checkpoint-every
-steps, at the end, and on Ctrl-C or SIGTERM); the pretrained base is cached in --cache (default --out).
+Writes to --out: allocation.json, results.json, adapter.pt and checkpoint.pt (every --checkpoint-every steps, at
+the end, and on Ctrl-C or SIGTERM). The base is looked up by its recipe's hash: first in base/, which keeps the
+default one (base seed 0, pretrained by `OMP_NUM_THREADS=1 python train.py`), so that it is the same on every
+machine; then in --cache (default --out); else it is pretrained here and cached there.
 """
 
 import argparse
@@ -29,10 +31,11 @@ from tqdm import tqdm
 
 import data
 from smoe import (GPT, GPTConfig, adapter_state, allocate_experts, allocate_uniform, apply_lora_moe, candidate_names,
-                  compute_sensitivity, load_adapter, moe_aux_loss, moe_layers, normalise_per_layer)
+                  compute_sensitivity, moe_aux_loss, moe_layers, normalise_per_layer)
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 PRETRAIN_BATCH, PRETRAIN_LR = 32, 1e-3
+KEPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")  # bases kept in the repository
 
 
 def number(kind, low, strict=False):
@@ -49,29 +52,39 @@ def number(kind, low, strict=False):
 
 
 def names(allowed):
-    """An argparse type: a comma-separated list of names from `allowed`."""
+    """An argparse type: a comma-separated list of distinct names from `allowed`."""
     def parse(text):
         got = [t for t in text.split(",") if t]
-        if not got or any(t not in allowed for t in got):
-            raise argparse.ArgumentTypeError(f"expected names from {','.join(allowed)}, got {text!r}")
+        if not got or any(t not in allowed for t in got) or len(set(got)) < len(got):
+            raise argparse.ArgumentTypeError(f"expected distinct names from {','.join(allowed)}, got {text!r}")
         return got
     return parse
 
 
-p = argparse.ArgumentParser(usage="python train.py [flags]; python train.py --help lists them", description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning.")
-p.add_argument("--budget", type=number(int, 1), help="experts to spend over the candidate matrices "
-               "(default: one per candidate, plain LoRA's count)")
-p.add_argument("--alloc", choices=("sensitivity", "uniform"), default="sensitivity",
-               help="sensitivity: each task votes for its most sensitive matrices (LoRA-SMoE); uniform: the same "
-                    "count everywhere (plain LoRA at budget = candidates)")
+def device_name(text):
+    """An argparse type: auto (cuda, then mps, then cpu) or a device this PyTorch build and machine can use."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=text)
+    except Exception:  # RuntimeError for a name torch does not know, AssertionError for cuda on a CPU build
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps that this PyTorch build "
+                                         f"({torch.__version__}) can use here, got {text!r}")
+    return text
+
+
+p = argparse.ArgumentParser(usage="python train.py [flags]; python train.py --help lists them; python sample.py asks a finished run",
+                            description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning.")
+p.add_argument("--budget", type=number(int, 1), help="experts to spend over the candidate matrices (default: one per candidate, plain LoRA's count)")
+p.add_argument("--alloc", choices=("sensitivity", "uniform"), default="sensitivity", help="sensitivity: each task votes for its "
+               "most sensitive matrices (LoRA-SMoE); uniform: the same count everywhere (plain LoRA at budget = candidates)")
 p.add_argument("--allocation", metavar="FILE", help="a JSON file {matrix: experts}, as allocation.json, used instead of --alloc")
 p.add_argument("--top-k", type=number(int, 1), default=2, help="experts each token uses per matrix (default 2)")
 p.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank r of every expert (default 8)")
 p.add_argument("--alpha", type=number(float, 0, strict=True), default=16.0, help="LoRA alpha; scaling = alpha / rank (default 16)")
 p.add_argument("--aux-coef", type=number(float, 0), default=0.01, help="weight of the balancing loss (default 0.01)")
 p.add_argument("--sens-batches", type=number(int, 1), default=4, help="batches per task for the sensitivity (default 4)")
-p.add_argument("--sens-norm", choices=("none", "layer"), default="none",
-               help="layer: each score as a share of its task's total within its layer (default none)")
+p.add_argument("--sens-norm", choices=("none", "layer"), default="none", help="layer: each score as a share of its task's total within its layer (default none)")
 p.add_argument("--tasks", type=names(data.TASKS), default=list(data.TASKS), help="comma-separated tasks (default all)")
 p.add_argument("--targets", type=names(MATRICES), default=["v_proj", "up_proj"],
                help=f"comma-separated candidate matrices of every layer, from {','.join(MATRICES)} (default v_proj,up_proj)")
@@ -82,16 +95,15 @@ p.add_argument("--lr", type=number(float, 0, strict=True), default=1e-2, help="p
 p.add_argument("--eval-every", type=number(int, 1), default=500, help="evaluate every N steps and at the end (default 500)")
 p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task, at most all it has (default 200; add has 88)")
 p.add_argument("--seed", type=number(int, 0), default=0, help="seed of sampling and adapter initialisation (default 0)")
-p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base (default 0)")
-p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base (default 0: the base kept in base/)")
+p.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 p.add_argument("--out", default="out", help="output folder (default out)")
 p.add_argument("--cache", help="folder of the pretrained-base cache (default: --out)")
 p.add_argument("--checkpoint-every", type=number(int, 1), default=500, help="steps between checkpoints (default 500)")
 p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its settings")
-p.add_argument("--evaluate", action="store_true", help="train nothing: print the finished run's held-out table again")
-p.add_argument("--prompt", action="append", metavar="TEXT", help="train nothing: the finished run's answer to TEXT, e.g. A7+48=")
 args = p.parse_args()
-if args.allocation:
+
+if args.allocation is not None:  # the file's allocation replaces steps 2 and 3
     try:
         with open(args.allocation) as f:
             args.allocation = json.load(f)
@@ -99,29 +111,32 @@ if args.allocation:
         p.error(f"--allocation: {e}")
     if not isinstance(args.allocation, dict) or not all(isinstance(n, int) and n >= 0 for n in args.allocation.values()):
         p.error("--allocation: expected a JSON object {matrix name: whole number of experts >= 0}")
-ckpt_path, ckpt = os.path.join(args.out, "checkpoint.pt"), None
-if args.resume:  # the run's own settings; a flag given again must agree with them
+# --resume: the stopped run's settings, sensitivity and allocation here; its adapter, optimizer and step in step 5
+ckpt_path, ckpt, sensitivity, allocation = os.path.join(args.out, "checkpoint.pt"), None, None, None
+if args.resume:
     if not os.path.isfile(ckpt_path):
         p.error(f"--resume: {ckpt_path} does not exist")
     try:
         ckpt = torch.load(ckpt_path, weights_only=True)
     except Exception as e:
         p.error(f"--resume: {ckpt_path} cannot be read ({type(e).__name__})")
-    for k, v in ckpt["config"].items():
+    for k, v in ckpt["config"].items():  # a flag given again must agree with the run's
         if getattr(args, k) not in (p.get_default(k), v):
             p.error(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's {v}")
         setattr(args, k, v)
-for prompt in args.prompt or []:
-    if not prompt.endswith("=") or len(prompt) >= data.BLOCK_SIZE or set(prompt) - set(data.VOCAB):
-        p.error(f"--prompt {prompt!r}: expected a line up to its '=', like A7+48=, in the toy's characters")
+    sensitivity, allocation = ckpt["sensitivity"], ckpt["adapter"]["allocation"]
 cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
 M = cfg.n_layer * len(args.targets)  # candidate matrices
-if args.budget and not args.allocation and args.alloc == "sensitivity" and args.budget > len(args.tasks) * M:
+if args.budget and args.allocation is None and args.alloc == "sensitivity" and args.budget > len(args.tasks) * M:
     p.error(f"--budget: at most tasks x candidate matrices = {len(args.tasks)} x {M} = {len(args.tasks) * M}, got {args.budget}")
-if args.budget and not args.allocation and args.alloc == "uniform" and args.budget % M:
+if args.budget and args.allocation is None and args.alloc == "uniform" and args.budget % M:
     p.error(f"--budget: a uniform allocation needs a multiple of the {M} candidate matrices, got {args.budget}")
-if args.device == "auto":
-    args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps, "batch": PRETRAIN_BATCH,
+                       "lr": PRETRAIN_LR, "data": [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(8)]})
+base_name, cache = f"base-{hashlib.sha1(base_key.encode()).hexdigest()[:12]}.pt", args.cache or args.out
+base_path = os.path.join(KEPT if os.path.exists(os.path.join(KEPT, base_name)) else cache, base_name)
+if ckpt and ckpt["base_key"] != base_key:
+    p.error(f"--resume: {ckpt_path} was made on another pretrained base (another version of the toy); start a new run")
 device = torch.device(args.device)
 ddp = "RANK" in os.environ  # under torchrun: one process per device, rank 0 prints and writes
 if ddp:
@@ -134,13 +149,15 @@ if ddp:
 rank = dist.get_rank() if ddp else 0
 master = rank == 0
 say = tqdm.write if master else lambda *a: None
-cache = args.cache or args.out
-base_key = json.dumps({"model": vars(cfg), "seed": args.base_seed, "steps": args.pretrain_steps,
-                       "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
-                       "data": [data.sample(t, random.Random(i), "train") for t in data.PRETRAIN_TASKS for i in range(8)]})
-base_path = os.path.join(cache, f"base-{hashlib.sha1(base_key.encode()).hexdigest()[:12]}.pt")
-if ckpt and ckpt.get("base_key") != base_key:
-    p.error(f"--resume: {ckpt_path} was made on another pretrained base (another version of the toy); start a new run")
+stop = []  # Ctrl-C or SIGTERM asks the loops to stop between steps; fine-tuning saves its checkpoint first
+if not ddp:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+try:
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
+except OSError as e:
+    p.error(f"--out or --cache: {e}")
 
 
 def save(obj, path):
@@ -153,66 +170,27 @@ def save(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def grid(values, cell):
-    """{"layers.3.attn.q_proj": value} as the rows of a layer x matrix table: a header, then one row per layer."""
-    rows = [" ".join(f"{t.removesuffix('_proj'):>4}" for t in args.targets)]
+def fingerprint(model):
+    """The first 12 hex digits of the sha256 of the weights' bytes, in name order: which base this is, at a glance."""
+    h = hashlib.sha256()
+    for _, t in sorted(model.state_dict().items()):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def say_grid(tables):
+    """{"layers.3.attn.v_proj": text} tables side by side as layer x matrix grids, each row after its layer number."""
+    say("   layer " + " | ".join(" ".join(f"{m.removesuffix('_proj'):>4}" for m in args.targets) for _ in tables))
     for i in range(cfg.n_layer):
-        row = {n.rsplit(".", 1)[1]: v for n, v in values.items() if n.startswith(f"layers.{i}.")}
-        rows.append(" ".join(f"{cell(row.get(t, 0)):>4}" for t in args.targets))
-    return rows
+        rows = [{n.rsplit(".", 1)[1]: v for n, v in t.items() if n.startswith(f"layers.{i}.")} for t in tables]
+        say(f"   {i:>5} " + " | ".join(" ".join(f"{row.get(m, 0):>4}" for m in args.targets) for row in rows))
 
 
-def say_table(label, tables):
-    """Tables from grid() side by side, each row after its layer number."""
-    for i, row in enumerate(zip(*tables)):
-        say(f"   {label if i == 0 else i - 1:>5} " + " | ".join(row))
-
-
-def answer(model, prompt):
-    """The model's greedy answer to one prompt, up to its final '.'."""
-    head, dot, _ = data.generate(model, [prompt], data.BLOCK_SIZE + 1 - len(prompt))[0].partition(".")
-    return head + dot
-
-# -----------------------------------------------------------------------------
-# A finished run, asked again: --prompt and --evaluate load its base and adapter, and train nothing
-
-
-if args.prompt or args.evaluate:
-    try:
-        with open(os.path.join(args.out, "results.json")) as f:
-            results = json.load(f)
-        model = GPT(GPTConfig(**results["model_config"]))
-        model.load_state_dict(torch.load(results["base"], weights_only=True)["model"])
-        base_model = GPT(model.cfg)
-        base_model.load_state_dict(model.state_dict())
-        load_adapter(model, torch.load(os.path.join(args.out, "adapter.pt"), weights_only=True))
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        sys.exit(f"train.py: error: --out {args.out} holds no finished run to load ({e})")
-    model.to(device)
-    for prompt in args.prompt or []:
-        print(prompt + answer(model, prompt))
-    if args.evaluate:
-        eval_sets = {t: data.eval_set(t, results["config"]["eval_examples"]) for t in results["accuracy"]}
-        base_acc = data.exact_match(data.answers(base_model.to(device), eval_sets), eval_sets)
-        acc = data.exact_match(data.answers(model, eval_sets), eval_sets)
-        for t in eval_sets:
-            print(f"{t:<8} base {base_acc[t]:.2f} tuned {acc[t]:.2f}")
-    sys.exit()
-
-stop = []  # Ctrl-C or SIGTERM asks the loops to stop between steps; fine-tuning saves its checkpoint first
-if not ddp:
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: stop.append(signum))
-try:
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(cache, exist_ok=True)
-except OSError as e:
-    p.error(f"--out or --cache: {e}")
 t0 = time.time()
 times = {}
 
 # -----------------------------------------------------------------------------
-# 1. The pretrained base: copy and digit sums, from the cache when it holds this base
+# 1. The pretrained base: copy and digit sums; the kept or cached one when there is one for these flags
 
 torch.manual_seed(args.base_seed)
 model = GPT(cfg).to(device)
@@ -223,10 +201,11 @@ if os.path.exists(base_path):
     try:
         model.load_state_dict(torch.load(base_path, weights_only=True)["model"])
         loaded = True
-        say(f"1. loaded the pretrained base model from {base_path}")
+        say(f"1. loaded the pretrained base model {'kept in' if base_path.startswith(KEPT) else 'cached in'} {os.path.relpath(base_path)}")
     except Exception as e:
         say(f"   {base_path} cannot be read ({type(e).__name__}); pretraining the base again")
 if not loaded:
+    base_path = os.path.join(cache, base_name)  # never over a kept base
     say(f"1. pretraining the base model on {' and '.join(data.PRETRAIN_TASKS)} ({args.pretrain_steps} steps)")
     rng = random.Random(f"pretrain-{args.base_seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
@@ -249,18 +228,16 @@ times["base"] = time.time() - t0
 eval_sets = {t: data.eval_set(t, args.eval_examples) for t in args.tasks}
 base_answers = data.answers(model, eval_sets)
 base_acc = data.exact_match(base_answers, eval_sets)
-say("   the base model's held-out exact match: " + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
+base_fingerprint = fingerprint(model)
+say(f"   fingerprint {base_fingerprint}; held-out exact match " + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
 
 # -----------------------------------------------------------------------------
 # 2. Sensitivity S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2, on the frozen base weights
 
 torch.manual_seed(args.seed)
 candidates = candidate_names(model, args.targets)
-sensitivity = ckpt["sensitivity"] if ckpt else None
-if sensitivity is None and not args.allocation and args.alloc == "sensitivity":
+if sensitivity is None and args.allocation is None and args.alloc == "sensitivity":
     t1 = time.time()
-    say(f"2. sensitivity of the {len(candidates)} candidate matrices to each task, from {args.sens_batches} batches of "
-        f"{args.batch_size} per task; each task's scores as % of its total (read across: a layer; down: depth)")
     rng = random.Random(f"sensitivity-{args.seed}-{rank}")  # each rank its own batches; the scores add up over ranks
     batches = {t: [data.get_batch([t], args.batch_size, rng) for _ in range(args.sens_batches)] for t in args.tasks}
     sensitivity = compute_sensitivity(model, batches, data.example_losses, candidates)
@@ -270,32 +247,35 @@ if sensitivity is None and not args.allocation and args.alloc == "sensitivity":
         sensitivity = {t: dict(zip(candidates, row)) for t, row in zip(sensitivity, scores.tolist())}
     if args.sens_norm == "layer":
         sensitivity = normalise_per_layer(sensitivity)
-    tables = [grid(s, lambda v, total=sum(s.values()): f"{100 * v / total:.0f}") for s in sensitivity.values()]
-    say("         " + " | ".join(f"{t:<{len(tables[0][0])}}" for t in sensitivity))
-    say_table("layer", tables)
     times["sensitivity"] = time.time() - t1
+if sensitivity is None:
+    say(f"2. sensitivity: not measured, {'--allocation' if args.allocation is not None else 'the uniform allocation'} does not use it")
+else:
+    say(f"2. sensitivity of the {len(candidates)} candidate matrices to each task, from {args.sens_batches} batches of "
+        f"{args.batch_size} per task{' (read from the checkpoint)' if ckpt else ''}; each task's scores as % of its total (read across: a layer; down: depth)")
+    width = 5 * len(args.targets) - 1
+    say("         " + " | ".join(f"{t:<{width}}" for t in sensitivity))
+    say_grid([{n: f"{100 * v / sum(s.values()):.0f}" for n, v in s.items()} for s in sensitivity.values()])
 
 # -----------------------------------------------------------------------------
 # 3. Allocation: {matrix: experts}, spending exactly the budget
 
-if ckpt:
-    allocation = ckpt["adapter"]["allocation"]
-elif args.allocation:
+if allocation is None and args.allocation is not None:
     unknown = set(args.allocation) - set(candidates)
     if unknown:
         p.error(f"--allocation names {sorted(unknown)[0]}, not one of the candidate matrices (--targets)")
     allocation = {n: args.allocation.get(n, 0) for n in candidates}
     if args.budget not in (None, sum(allocation.values())):
         p.error(f"--budget {args.budget} differs from the {sum(allocation.values())} experts of --allocation")
-else:
+elif allocation is None:
     budget = args.budget or M
     allocation = allocate_experts(sensitivity, budget) if args.alloc == "sensitivity" else allocate_uniform(candidates, budget)
 args.budget = sum(allocation.values())
 if args.budget == 0:
     p.error("the allocation spends no experts: nothing would train")
-say(f"3. {args.alloc if not args.allocation else 'file'} allocation of {args.budget} experts over {len(candidates)} candidate matrices "
-    "(experts per matrix; 0: no adapter, the matrix stays frozen):")
-say_table("layer", [grid(allocation, str)])
+say(f"3. {args.alloc if args.allocation is None else 'file'} allocation of {args.budget} experts over {len(candidates)} candidate "
+    "matrices (experts per matrix; 0: no adapter, the matrix stays frozen):")
+say_grid([allocation])
 allocation = {n: e for n, e in allocation.items() if e > 0}
 if master:
     save(allocation, os.path.join(args.out, "allocation.json"))
@@ -348,7 +328,7 @@ for step in (bar := tqdm(range(start, args.steps), "fine-tune", initial=start, t
         say(f"   step {done}: ce {ce.item():.3f}, aux {aux.item():.3f}, held-out exact match "
             + ", ".join(f"{t} {a:.2f}" for t, a in acc.items()))
     if master and (done % args.checkpoint_every == 0 or done == args.steps or stop):
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "resume", "evaluate", "prompt")}
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "resume")}
         save({"step": done, "config": config, "base_key": base_key, "sensitivity": sensitivity, "adapter": adapter_state(model),
               "optimizer": optimizer.state_dict(), "rng": rng.getstate(), "history": history}, ckpt_path)
     if stop:
@@ -362,12 +342,10 @@ times["fine-tune"] = time.time() - t1
 
 answers = data.answers(model, eval_sets)
 acc = data.exact_match(answers, eval_sets)
-fewer = ", ".join(f"{t}: all {len(pairs)} it has" for t, pairs in eval_sets.items() if len(pairs) < args.eval_examples)
-say(f"6. held-out exact match, {args.eval_examples} examples per task{f' ({fewer})' if fewer else ''}, greedy decoding:")
-say(f"   {'task':<8} {'base':>5} {'tuned':>6}   an example: prompt, expected, tuned answer")
-for t, pairs in eval_sets.items():
-    say(f"   {t:<8} {base_acc[t]:>5.2f} {acc[t]:>6.2f}   {pairs[0][0]} {pairs[0][1]} {answers[t][0]}")
-say(f"   {'mean':<8} {sum(base_acc.values()) / len(acc):>5.2f} {sum(acc.values()) / len(acc):>6.2f}")
+table = data.table(eval_sets, args.eval_examples, base_answers, answers)
+say("6. " + table[0])
+for line in table[1:]:
+    say("   " + line)
 with torch.no_grad():  # each router's share of the held-out tokens per expert: a router sending all to one has collapsed
     x, _ = data.encode([pair for pairs in eval_sets.values() for pair in pairs])
     model(x.to(device))
@@ -377,16 +355,21 @@ with torch.no_grad():  # each router's share of the held-out tokens per expert: 
 if routing:
     say("   routing, share of held-out tokens per expert: " + "; ".join(
         f"{n.removeprefix('layers.').replace('.attn', '')} {' '.join(f'{s:.2f}' for s in shares)}" for n, shares in routing.items()))
-if not args.allocation and args.alloc == "sensitivity" and args.budget % M == 0:  # the same experts, spread evenly
+if args.allocation is None and args.alloc == "sensitivity" and args.budget % M == 0:  # the same experts, spread evenly
     E = args.budget // M
     routers = E * sum(model.get_submodule(n).weight.shape[1] for n in candidates) if E > 1 else 0  # E x in per matrix
     even = E * parameters["plain_lora"] + routers
+    same = [f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+            if k not in ("alloc", "budget", "out", "cache", "device", "resume") and v != p.get_default(k)]
+    same += [f"--out {args.out.rstrip('/')}-uniform"] + ([] if base_path.startswith(KEPT) else [f"--cache {cache}"])
     say(f"   to compare, {'plain LoRA' if E == 1 else f'uniform LoRA-MoE x{E}'}: the same {args.budget} experts spread evenly, "
-        f"{even:,} trainable parameters against these {parameters['trainable']:,}: python train.py --alloc uniform --budget {args.budget}")
+        f"{even:,} trainable parameters against these {parameters['trainable']:,}: "
+        f"python train.py --alloc uniform --budget {args.budget} {' '.join(same)}")
 times["total"] = time.time() - t0
 say("   time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 if master:
-    results = {"config": vars(args), "model_config": vars(cfg), "base": base_path, "allocation": allocation,
+    results = {"config": vars(args), "model_config": vars(cfg), "base": base_path, "base_fingerprint": base_fingerprint,
+               "allocation": allocation,
                "parameters": parameters, "sensitivity": sensitivity, "history": history, "base_accuracy": base_acc,
                "accuracy": acc, "mean": sum(acc.values()) / len(acc), "routing": routing, "times_s": times,
                "examples": {t: [{"prompt": p_, "expected": a, "base": base_answers[t][i], "tuned": answers[t][i]}
