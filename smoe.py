@@ -26,6 +26,7 @@ References:
 
 import math
 import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,20 +55,19 @@ class LoRAMoELinear(nn.Module):
         super().__init__()
         if min(num_experts, r, top_k) < 1:
             raise ValueError(f"LoRA-MoE needs num_experts, r and top_k of at least 1, got {num_experts}, {r} and {top_k}")
-        if not base.weight.is_floating_point():
-            raise TypeError(f"the base weight is {base.weight.dtype}: LoRA-MoE wraps floating-point nn.Linear "
-                            "layers only (quantised bases are not supported)")
         self.base = base.requires_grad_(False)  # the pretrained weight stays frozen
         self.num_experts, self.r, self.lora_alpha, self.scaling = num_experts, r, lora_alpha, lora_alpha / r
         self.top_k = min(top_k, num_experts)
-        half = base.weight.dtype in (torch.float16, torch.bfloat16)
-        like = {"device": base.weight.device, "dtype": torch.float32 if half else base.weight.dtype}
+        like = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, base.in_features, **like))   # E stacked (r, C)
         self.lora_B = nn.Parameter(torch.zeros(num_experts, base.out_features, r, **like))  # E stacked (O, r)
         for A in self.lora_A.data:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.router = nn.Linear(base.in_features, num_experts, bias=False, **like) if num_experts > 1 else None
         self.routing = []  # (router logits, choices) of each call since the model's forward began
+        if not base.weight.is_floating_point():
+            raise TypeError(f"the base weight is {base.weight.dtype}: LoRA-MoE wraps floating-point nn.Linear "
+                            "layers only (quantised bases are not supported)")
 
     def route(self, x):
         """(N, E) gates: g_i(x) for each token's k chosen experts, 0 for the others."""
@@ -195,29 +195,24 @@ def moe_aux_loss(model, mask=None):
 # -----------------------------------------------------------------------------
 # Sensitivity: S_t(W) = sum over sampled examples x of task t of ||d l(x)/dW||_F^2   ([1] sec. 3.1)
 # loss_fn(model, batch) returns (b,), each example's loss l(x); W is a candidate nn.Linear's base weight.
-# Both forms measure the pretrained model in eval mode (dropout off) and leave each module in its own mode.
+# Both forms measure the model in eval mode (dropout off) and update nothing.
 
 
 def sensitivity_reference(model, task_batches, loss_fn, names):
     """The definition, one backward pass per example. {task: [batch, ...]} -> {task: {name: score}}.
     Slow (b backward passes per batch); the tests use it to check compute_sensitivity."""
     weights = [model.get_submodule(name).weight for name in names]
-    flags, modes = [w.requires_grad for w in weights], [(m, m.training) for m in model.modules()]
-    model.eval()
-    for w in weights:
-        w.requires_grad_(True)
     scores = {}
-    for task, batches in task_batches.items():
-        scores[task] = dict.fromkeys(names, 0.0)
-        for batch in batches:
-            for loss in loss_fn(model, batch):                       # one example's loss
-                grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
-                for name, g in zip(names, grads):
-                    scores[task][name] += 0.0 if g is None else g.float().pow(2).sum().item()
-    for w, flag in zip(weights, flags):
-        w.requires_grad_(flag)
-    for m, mode in modes:
-        m.training = mode
+    with measuring(model):
+        for w in weights:
+            w.requires_grad_(True)
+        for task, batches in task_batches.items():
+            scores[task] = dict.fromkeys(names, 0.0)
+            for batch in batches:
+                for loss in loss_fn(model, batch):                   # one example's loss
+                    grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+                    for name, g in zip(names, grads):
+                        scores[task][name] += 0.0 if g is None else g.float().pow(2).sum().item()
     return scores
 
 
@@ -238,11 +233,9 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
     of a LoRA step: a forward hook keeps each candidate's input x and adds a zero probe to its output;
     the backward pass is taken to the probes only (no weight gradient is computed), and a hook on
     each output turns its gradient g and the kept x into per-example squared norms as the pass
-    reaches it. Needs each candidate's input with the batch first, (b, ..., C), and examples that
-    do not interact (true of transformers, not of batch norm in training mode); a first dimension
-    other than the batch is one error. A weight called more than once, or shared by several
-    candidates, sums its calls' gradients before squaring, as the definition does; shared, each
-    candidate gets that score. Scores are float32; nothing is updated, and the requires_grad flags are restored.
+    reaches it. A weight called more than once, or shared by several candidates, sums its calls'
+    gradients before squaring, as the definition does. Needs each candidate's input with the batch
+    first, (b, ..., C), and examples that do not interact (true of transformers); scores are float32.
     Example by hand, one matrix and one batch of two examples with weight gradients
     G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: (1 + 4 + 0 + 4) + 1 = 10.
     """
@@ -267,58 +260,69 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
             fold(name)
 
     def fold(name):  # every call's tokens joined per example, then squared: the calls' gradients add first
-        pairs = [(x, g) for x, g in calls[name] if g is not None]
-        x = torch.cat([x.float().reshape(len(x), -1, x.shape[-1]) for x, _ in pairs], 1)  # (b, L, C)
-        g = torch.cat([g.float().reshape(len(g), -1, g.shape[-1]) for _, g in pairs], 1)  # (b, L, O)
-        acc[name] += per_example_sq_norms(g, x).sum()
+        pairs = [(x, g) for x, g in calls[name] if g is not None]  # a call whose output never reached the loss has none
+        if pairs:
+            x = torch.cat([x.float().reshape(len(x), -1, x.shape[-1]) for x, _ in pairs], 1)  # (b, L, C)
+            g = torch.cat([g.float().reshape(len(g), -1, g.shape[-1]) for _, g in pairs], 1)  # (b, L, O)
+            acc[name] += per_example_sq_norms(g, x).sum()
         calls[name].clear()
 
-    for name in names:  # PyTorch's transformer layers take positions first unless built with batch_first=True
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
-            raise ValueError(f"{name} is in a {type(parent).__name__} built with batch_first=False: sensitivity needs batch_first=True")
-    flags, modes = [p.requires_grad for p in model.parameters()], [(m, m.training) for m in model.modules()]
-    model.eval().requires_grad_(False)  # the probes alone carry the backward pass: no graph below the first candidate
-    nested = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
-    for m in nested:  # in eval, nn.TransformerEncoder turns a padded batch into nested tensors the hooks cannot read
-        m.use_nested_tensor = False
-    hooks = [m.register_forward_hook(lambda m, i, o, name=owner[n]: on_forward(m, i, o, name)) for n, m in modules.items()]
     scores = {}
-    try:
-        for task, batches in task_batches.items():
-            acc.update({name: torch.zeros((), device=modules[name].weight.device) for name in calls})
-            for batch in batches:
-                losses = loss_fn(model, batch)                       # (b,)
-                check_batch_first(losses, calls)
-                torch.autograd.grad(losses.float().sum(), probes, allow_unused=True)
-                for name in calls:  # calls whose output never reached the loss have no gradient: fold the others
-                    if any(g is not None for _, g in calls[name]):
+    with measuring(model):
+        model.requires_grad_(False)  # the probes alone carry the backward pass: no graph below the first candidate
+        hooks = [m.register_forward_hook(lambda m, i, o, name=owner[n]: on_forward(m, i, o, name)) for n, m in modules.items()]
+        try:
+            for task, batches in task_batches.items():
+                acc.update({name: torch.zeros((), device=modules[name].weight.device) for name in calls})
+                for batch in batches:
+                    losses = loss_fn(model, batch)                   # (b,)
+                    check_batch_first(model, losses, calls)
+                    torch.autograd.grad(losses.float().sum(), probes, allow_unused=True)
+                    for name in calls:  # the calls the backward pass did not reach
                         fold(name)
-                    calls[name].clear()
-                probes.clear()
-            scores[task] = {name: acc[owner[name]].item() for name in names}
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-        for m in nested:
-            m.use_nested_tensor = True
+                    probes.clear()
+                scores[task] = {name: acc[owner[name]].item() for name in names}
+        finally:
+            for h in hooks:
+                h.remove()
     return scores
 
 
-def check_batch_first(losses, calls):
-    """One loss per example, and each candidate's input with that many rows first: a scalar loss, or tokens
-    flattened or put first (nn.TransformerEncoderLayer's default batch_first=False), would give other scores."""
+@contextmanager
+def measuring(model):
+    """The model in eval mode while it is measured, then each module's mode and each parameter's
+    requires_grad as they were. In eval, nn.TransformerEncoder turns a padded batch into nested tensors,
+    which hooks and per-example gradients cannot go through: that path is off meanwhile."""
+    modes = [(m, m.training, isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for m, _, nested in modes:
+        if nested:
+            m.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        for m, training, nested in modes:
+            m.training = training
+            if nested:
+                m.use_nested_tensor = True
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def check_batch_first(model, losses, calls):
+    """One loss per example, and each candidate's input with that many rows first: a loss for the batch,
+    or tokens flattened or put first (as by PyTorch's transformer layers built with batch_first=False)
+    before a candidate, would give other scores."""
     if losses.dim() != 1:
         raise ValueError(f"loss_fn must return one loss per example, shape (b,); it returned shape {tuple(losses.shape)}")
     for name, pairs in calls.items():
-        for x, _ in pairs:
-            if len(x) != len(losses):
-                raise ValueError(f"{name}'s input is {tuple(x.shape)} for {len(losses)} losses: compute_sensitivity needs "
-                                 "one loss per example and each candidate's input with the batch first (batch_first=True)")
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
+            raise ValueError(f"{name} is in a {type(parent).__name__} built with batch_first=False: sensitivity needs batch_first=True")
+        if any(len(x) != len(losses) for x, _ in pairs):
+            raise ValueError(f"{name}'s input is {tuple(pairs[0][0].shape)} for {len(losses)} losses: compute_sensitivity needs "
+                             "one loss per example and each candidate's input with the batch first (batch_first=True)")
 
 
 def layer_name(name):
@@ -451,8 +455,8 @@ def adapter_state(model):
         raise ValueError("the model has no LoRA-MoE layer: apply_lora_moe or load_adapter adds them")
     return {"allocation": {n: m.num_experts for n, m in layers},
             "lora": {"r": layers[0][1].r, "lora_alpha": layers[0][1].lora_alpha, "top_k": max(m.top_k for _, m in layers)},
-            "adapter": {f"{n}.{k}": p.detach().clone() for n, m in layers for k, p in m.named_parameters()
-                        if not k.startswith("base.")}}
+            "adapter": {f"{n}.{key}": p.detach().clone() for n, m in layers for key, p in m.named_parameters()
+                        if not key.startswith("base.")}}
 
 
 def load_adapter(model, state):
