@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 
 import pytest
@@ -73,6 +74,36 @@ except ImportError:
         raise
     transformers = None
 needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers (pip install transformers)")
+
+# -----------------------------------------------------------------------------
+# bases.py: the quick start over ten bases, and bench/quickstart.py
+
+import bases  # noqa: E402
+
+
+def test_bases_table_counts_wins_by_the_higher_mean_and_shows_each_allocation():
+    def run(mean, allocation=None):
+        return {"mean": mean, "accuracy": dict.fromkeys(data.TASKS, mean), "base_fingerprint": "f" * 12,
+                "model_config": {"n_layer": 8}, "allocation": allocation or {}}
+    votes = {"layers.0.attn.v_proj": 4, "layers.1.attn.v_proj": 4, "layers.3.attn.v_proj": 6, "layers.0.mlp.up_proj": 2}
+    results = {0: {"smoe": run(0.9, votes), "lora": run(0.95)}, 1: {"smoe": run(0.97), "lora": run(0.96)},
+               2: {"smoe": run(0.5), "lora": run(0.5)}}
+    lines, wins = bases.table(results)
+    assert wins == {"LoRA-SMoE": 1, "plain LoRA": 1, "tie": 1}
+    assert len(lines) == 2 + 3 and all(line.count("|") == 9 for line in lines)
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[0] == "0" and cells[4:] == ["0.950", "-0.050", "4 4 0 6 0 0 0 0", "2 0 0 0 0 0 0 0"]
+
+
+def test_bases_reads_a_finished_run_back_instead_of_running_it(tmp_path):
+    (tmp_path / "results.json").write_text('{"mean": 0.5}')
+    assert bases.run_or_read(["--budget", "0"], str(tmp_path)) == {"mean": 0.5}  # run, --budget 0 would fail
+
+
+def test_quickstart_help_describes_it_and_runs_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "quickstart.py"), "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "" and "How long the quick start takes" in proc.stdout
 
 # -----------------------------------------------------------------------------
 # The peers' rules
