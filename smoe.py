@@ -137,7 +137,8 @@ def moe_layers(model):
 
 def clear_routing(model, args=None):
     """Empty the routing record of every LoRA-MoE layer of the model. apply_lora_moe registers it as a
-    forward pre-hook of the model, so the record holds the calls of the model's latest forward."""
+    forward pre-hook of the model, so the record holds the calls of the model's latest forward; a model
+    built with LoRAMoELinear by hand needs the same: model.register_forward_pre_hook(clear_routing)."""
     for _, m in moe_layers(model):
         m.routing.clear()
 
@@ -396,11 +397,10 @@ def allocate_uniform(names, budget):
 def candidate_names(model, targets):
     """The nn.Linear modules named by `targets`, in module order. A target matches a module whose name
     equals it or ends in "." + target, as PEFT's target_modules: "q_proj" matches "layers.0.attn.q_proj"."""
-    named = {n: type(m).__name__ for n, m in model.named_modules()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in linears):
-            kinds = sorted({kind for n, kind in named.items() if n == t or n.endswith("." + t)})
+            kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n == t or n.endswith("." + t)})
             raise ValueError(f"target {t!r} matches no nn.Linear of the model (such as {', '.join(linears[:3])})"
                              + (f" but a {', '.join(kinds)}" if kinds else "") + ("; GPT-2's Conv1D: make each an nn.Linear "
                              "first, as experiments/hf_model.py's linear_from_conv1d does" if "Conv1D" in kinds else ""))
