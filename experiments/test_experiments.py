@@ -720,3 +720,62 @@ def test_protocol3_outcomes_verdict_halves_and_parameter_count():
     assert claim3.trainable(allocation, shapes) == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert claim3.trainable(dict.fromkeys(names, 2), shapes) == 12288
 
+
+
+# -----------------------------------------------------------------------------
+# real_model.py --protocol3 end to end, on a tiny random Llama (nothing downloaded)
+
+
+@needs_transformers
+def test_real_model_protocol3_on_a_tiny_llama_chooses_each_rate_by_the_rule_and_reports_the_verdict(tmp_path, capsys):
+    # a character tokenizer over the real model's prompts and answers, and a random 2-layer Llama: M = 8 candidates
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz" + "abcdefghijklmnopqrstuvwxyz".upper() + "0123456789 +="))
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + chars)}
+    characters = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges=[], unk_token="<unk>"))
+    characters.decoder = tokenizers.decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=characters, pad_token="<pad>", unk_token="<unk>",
+                                                     bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+
+    # the rule by hand: the highest mean exact match over the tuning seeds wins; a tie goes to the lower loss
+    assert real_model.choose_rate({3e-4: [(0.25, 0.1), (0.25, 0.1)], 1e-3: [(0.5, 0.9), (1.0, 0.9)],
+                                   3e-3: [(0.75, 0.4), (0.75, 0.4)]}) == 3e-3  # 0.75 ties 0.75; loss 0.4 < 0.9
+
+    out = real_model.main(["--model", str(tmp_path / "llama"), "--protocol3", "--device", "cpu", "--jobs", "1",
+                           "--seeds", "1", "2", "--steps", "2", "--batch-size", "4", "--rank", "2", "--sens-batches", "1",
+                           "--eval-examples", "2", "--eval-batch-size", "2", "--out", str(tmp_path / "out")])
+    tuning = [r for r in out["runs"] if r["stage"] == "tuning"]
+    test = {(r["arm"], r["seed"]): r for r in out["runs"] if r["stage"] == "test"}
+    assert len(tuning) == 6 * 3 and sorted({r["seed"] for r in tuning}) == list(real_model.TUNING_SEEDS)  # 6 arms x 3 rates
+    assert sorted(test) == sorted((arm, seed) for arm in real_model.ARMS for seed in (1, 2))
+    for arm in real_model.PRIMARY:  # one tuning seed: its best exact match, then its lowest loss, picks the rate
+        best = sorted((r for r in tuning if r["arm"] == arm), key=lambda r: (-r["mean"], r["loss"]))[0]
+        assert out["rates"][arm] == best["lr"] and all(test[arm, s]["lr"] == best["lr"] for s in (1, 2)), arm
+    assert all(test["smoe_params", s]["lr"] == out["rates"]["smoe"] for s in (1, 2))
+    experts = {"plain": 8, "uniform2": 16, "uniform4": 32, "smoe": 16, "random": 16, "smoe60": 20}  # M, 2M, T x M, 60 %
+    assert all(test[arm, s]["experts"] == n for arm, n in experts.items() for s in (1, 2))
+    names = candidate_names(model, TARGETS)
+    even = real_model.trainable(dict.fromkeys(names, 2), model, 2)  # the formula against fine_tune's own count
+    assert test["uniform2", 1]["trainable"] == even and all(test["smoe_params", s]["trainable"] <= even for s in (1, 2))
+    assert all(len(r["accuracy"]) == 4 for r in out["runs"])  # every run scored on its half: 1 of 2 prompts a task
+
+    report = out["report"].splitlines()
+    assert report[0].startswith("Stage 1")
+    for arm, line in zip(real_model.PRIMARY, report[1:7]):
+        assert line.split()[0] == arm and line.endswith(f"-> {out['rates'][arm]:g}"), line
+    interval = r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]"
+    for pattern in [rf"Gate: uniform4 - plain {interval}, plain \d\.\d{{3}}: (passes|fails)",
+                    rf"  P1 smoe - uniform2: {interval}, p \d\.\d{{3}}, Holm \d\.\d{{3}}: ",
+                    rf"  P2 smoe - random: {interval}, p \d\.\d{{3}}, Holm \d\.\d{{3}}: ",
+                    rf"  P3 smoe60 - uniform4: {interval}, p \d\.\d{{3}}, Holm \d\.\d{{3}}: (non-inferior|inferior|undecided)",
+                    r"Verdict: (supported|refuted|inconclusive|no verdict)$"]:
+        assert any(re.match(pattern, line) for line in report), pattern
+    assert json.loads((tmp_path / "out" / "protocol3.json").read_text())["rates"] == out["rates"]
+    with pytest.raises(SystemExit):  # a tuning seed among the test seeds
+        real_model.parse_args(["--protocol3", "--seeds", str(real_model.TUNING_SEEDS[0]), "3"])
+    assert "a tuning seed" in capsys.readouterr().err
