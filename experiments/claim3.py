@@ -158,9 +158,10 @@ def main():
         return record
 
     def all_of(stage, jobs, bases):
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # jobs[0], LoRA-SMoE, first: it pretrains each base once
-            list(pool.map(lambda b: run(stage, *jobs[0], b), bases))
-            list(pool.map(lambda job: run(stage, *job), [(a, lr, b) for a, lr in jobs for b in bases]))
+        """Every job on every base, a base's jobs in order: jobs[0], LoRA-SMoE, pretrains the base, and random and
+        smoe_params read its scores. A stopped test leaves whole bases behind it."""
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda b: [run(stage, *job, b) for job in jobs], bases))
 
     report = []
     say = lambda line="": (print(line, flush=True), report.append(line))  # noqa: E731
