@@ -235,8 +235,10 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
     the backward pass is taken to the probes only (no weight gradient is computed), and a hook on
     each output turns its gradient g and the kept x into per-example squared norms as the pass
     reaches it. A weight called more than once, or shared by several candidates, sums its calls'
-    gradients before squaring, as the definition does. Needs each candidate's input with the batch
-    first, (b, ..., C), and examples that do not interact (true of transformers); scores are float32.
+    gradients before squaring, as the definition does; a use outside the candidates' calls (an lm_head
+    tied to the embedding) is not seen, where sensitivity_reference counts it. Needs each candidate's
+    input with the batch first, (b, ..., C), and examples that do not interact (true of transformers);
+    scores are float32.
     Example by hand, one matrix and one batch of two examples with weight gradients
     G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: (1 + 4 + 0 + 4) + 1 = 10.
     """
