@@ -94,8 +94,8 @@ def tokenize(tokenizer, tasks, batch_size, max_length, device="cpu"):
 
 def lm_loss(model, batch):
     """(B,) each text's own causal-LM loss, next-token cross-entropy averaged over its own
-    non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums, and
-    whose mean over the batch is trained (every text weighs the same, however long it is)."""
+    non-padding tokens: the per-example loss l(x) whose squared gradients the sensitivity sums.
+    Training and the task losses use the model's own loss, averaged over the batch's tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]                                                # (B, T-1) the next tokens
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
@@ -127,7 +127,7 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
     bar = tqdm(range(steps), desc="fine-tuning")
     for step in bar:
         batch = mixture[step % len(mixture)]
-        lm = lm_loss(model, batch).mean()
+        lm = model(**batch, use_cache=False).loss  # Hugging Face's causal-LM loss; no key-value cache
         aux = moe_aux_loss(model, mask=batch["attention_mask"].bool())  # the real tokens, never padding
         loss = lm + aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def train_adapter(model, task_batches, steps, lr, aux_coef):
 def task_losses(model, task_batches):
     """{task: mean causal-LM loss over its batches}, in eval mode: what fine-tuning lowers, task by task."""
     model.eval()
-    return {task: sum(lm_loss(model, b).mean().item() for b in batches) / len(batches) for task, batches in task_batches.items()}
+    return {task: sum(model(**b, use_cache=False).loss.item() for b in batches) / len(batches) for task, batches in task_batches.items()}
 
 
 @torch.no_grad()
