@@ -25,7 +25,6 @@ References:
 """
 
 import math
-import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -135,7 +134,7 @@ def moe_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
 
 
-def clear_routing(model, args=None):
+def clear_routing(model, args=None):  # args: the forward's inputs, which a forward pre-hook is given
     """Empty the routing record of every LoRA-MoE layer of the model. apply_lora_moe registers it as a
     forward pre-hook of the model, so the record holds the calls of the model's latest forward; a model
     built with LoRAMoELinear by hand needs the same: model.register_forward_pre_hook(clear_routing)."""
@@ -182,15 +181,16 @@ def moe_aux_loss(model, mask=None):
     losses = []
     for name, m in moe_layers(model):
         if m.top_k < m.num_experts and m.routing:
-            if mask is not None and any(len(logits) != mask.numel() for logits, _ in m.routing):
-                raise ValueError(f"the mask has {mask.numel()} tokens and {name} routed "
-                                 f"{[len(logits) for logits, _ in m.routing]} in its calls: give one bool per token of each call")
+            rows = [len(logits) for logits, _ in m.routing]  # tokens routed in each call
+            if mask is not None and set(rows) != {mask.numel()}:
+                raise ValueError(f"the mask has {mask.numel()} tokens and {name} routed {rows} in its calls: "
+                                 "give one bool per token of each call")
             if m.router.weight.requires_grad and torch.is_grad_enabled() and not m.routing[0][0].requires_grad:
                 raise RuntimeError(f"{name}'s router logits have no gradient, so the balancing loss would train nothing: "
                                    "the forward ran under no_grad, or under reentrant activation checkpointing "
                                    "(use use_reentrant=False)")
-            calls_mask = None if mask is None else mask.reshape(-1).repeat(len(m.routing))
-            losses.append(load_balancing_loss(m.router_logits, m.top_idx, calls_mask))
+            losses.append(load_balancing_loss(m.router_logits, m.top_idx,
+                                              None if mask is None else mask.reshape(-1).repeat(len(rows))))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 # -----------------------------------------------------------------------------
@@ -237,14 +237,16 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
     reaches it. A weight called more than once, or shared by several candidates, sums its calls'
     gradients before squaring, as the definition does; a use outside the candidates' calls (an lm_head
     tied to the embedding) is not seen, where sensitivity_reference counts it. Needs each candidate's
-    input with the batch first, (b, ..., C), and examples that do not interact (true of transformers);
-    scores are float32.
+    input with the batch first, (b, ..., C), and examples that do not interact (true of transformers).
+    A matrix that gets a varying number of routed tokens (an MoE's expert) is refused, except when that
+    number happens to equal b: no shape can tell, and its score is wrong. Leave such matrices out of
+    `names`, or use sensitivity_reference.
     Example by hand, one matrix and one batch of two examples with weight gradients
     G_1 = [[1, -2], [0, 2]] and G_2 = [[1, 0], [0, 0]]: (1 + 4 + 0 + 4) + 1 = 10.
     """
     modules = {name: model.get_submodule(name) for name in names}
-    first = {}
-    owner = {name: first.setdefault(id(m.weight), name) for name, m in modules.items()}  # one weight, one score
+    first = {}  # candidates that share a weight are scored once, under the first one's name
+    owner = {name: first.setdefault(id(m.weight), name) for name, m in modules.items()}
     calls = {name: [] for name in first.values()}  # this batch's [x, g] per call of each weight
     probes, acc = [], {}
 
@@ -294,21 +296,21 @@ def compute_sensitivity(model, task_batches, loss_fn, names):
 @contextmanager
 def measuring(model):
     """The model in eval mode while it is measured, then each module's mode and each parameter's
-    requires_grad as they were. In eval, nn.TransformerEncoder turns a padded batch into nested tensors,
-    which hooks and per-example gradients cannot go through: that path is off meanwhile."""
-    modes = [(m, m.training, isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor) for m in model.modules()]
+    requires_grad as they were."""
+    modes = [(m, m.training) for m in model.modules()]  # in module order: a parent before its children
+    nested = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
-    for m, _, nested in modes:
-        if nested:
-            m.use_nested_tensor = False
+    for m in nested:  # in eval it turns a padded batch into nested tensors, which hooks cannot go through
+        m.use_nested_tensor = False
     try:
         yield
     finally:
-        for m, training, nested in modes:
-            m.training = training
-            if nested:
-                m.use_nested_tensor = True
+        for m, training in modes:
+            if m.training != training:  # train(), not the flag: a module may act on it (merge its LoRA in eval)
+                m.train(training)  # which sets the children too, each restored in its own turn after
+        for m in nested:
+            m.use_nested_tensor = True
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -317,15 +319,14 @@ def check_batch_first(model, losses, calls):
     """One loss per example, and each candidate's input with that many rows first: a loss for the batch,
     or tokens flattened or put first (as by PyTorch's transformer layers built with batch_first=False)
     before a candidate, would give other scores."""
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return one loss per example, shape (b,); it returned shape {tuple(losses.shape)}")
-    for name, pairs in calls.items():
+    for name in calls:
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not parent.self_attn.batch_first:
             raise ValueError(f"{name} is in a {type(parent).__name__} built with batch_first=False: sensitivity needs batch_first=True")
-        if any(len(x) != len(losses) for x, _ in pairs):
-            raise ValueError(f"{name}'s input is {tuple(pairs[0][0].shape)} for {len(losses)} losses: compute_sensitivity needs "
-                             "one loss per example and each candidate's input with the batch first (batch_first=True)")
+    if losses.dim() != 1 or any(len(x) != len(losses) for pairs in calls.values() for x, _ in pairs):
+        inputs = {name: [tuple(x.shape) for x, _ in pairs] for name, pairs in calls.items()}
+        raise ValueError(f"compute_sensitivity needs one loss per example and each candidate's input with the batch first: "
+                         f"loss_fn returned shape {tuple(losses.shape)}, the candidates got {inputs}")
 
 
 def layer_name(name):
@@ -368,7 +369,7 @@ def allocate_experts(sensitivity, budget):
     T, M = len(tasks), len(modules)
     if T * M == 0:
         raise ValueError(f"no scores to allocate from: sensitivity is {{task: {{module: score}}}}, got {sensitivity}")
-    if not isinstance(budget, numbers.Integral) or not 1 <= budget <= T * M:
+    if budget != int(budget) or not 1 <= budget <= T * M:
         raise ValueError(f"budget must be from 1 to {T * M} (tasks x candidate matrices = {T} x {M}), a whole number, got {budget}")
     for t in tasks:
         if set(sensitivity[t]) != set(modules):
@@ -379,7 +380,7 @@ def allocate_experts(sensitivity, budget):
             raise ValueError(f"task {t!r} scores every module 0: its loss reaches no candidate matrix, so it has nothing to vote for")
     counts = dict.fromkeys(modules, 0)
     for i, t in enumerate(tasks):
-        votes = budget // T + (i < budget % T)
+        votes = int(budget) // T + (i < budget % T)
         for m in sorted(modules, key=lambda m: -sensitivity[t][m])[:votes]:  # a stable sort: ties in module order
             counts[m] += 1
     return counts
@@ -402,10 +403,10 @@ def candidate_names(model, targets):
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in linears):
-            kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n == t or n.endswith("." + t)})
+            kinds = ", ".join(sorted({type(m).__name__ for n, m in model.named_modules() if n == t or n.endswith("." + t)}))
             raise ValueError(f"target {t!r} matches no nn.Linear of the model (such as {', '.join(linears[:3])})"
-                             + (f" but a {', '.join(kinds)}" if kinds else "") + ("; GPT-2's Conv1D: make each an nn.Linear "
-                             "first, as experiments/hf_model.py's linear_from_conv1d does" if "Conv1D" in kinds else ""))
+                             f"{' but a ' + kinds if kinds else ''}; GPT-2's Conv1D: make each an nn.Linear first, "
+                             "as experiments/hf_model.py's linear_from_conv1d does")
     return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
@@ -413,16 +414,22 @@ def apply_lora_moe(model, allocation, r=8, lora_alpha=16.0, top_k=2):
     """Freeze the model and replace each module of {name: experts} with count >= 1 by a LoRAMoELinear
     (count 0: no adapter). Changes the model in place and returns it; its trainable parameters are then
     the adapters' and routers' alone. The module must be called by its parent, self.proj(x):
-    nn.MultiheadAttention reads its out_proj's weight itself, so an adapter there would never run."""
+    nn.MultiheadAttention reads its out_proj's weight itself, so an adapter there would never run.
+    The routing record that moe_aux_loss reads restarts as each forward of `model` begins (a forward
+    pre-hook), so `model` must be what is called, not a container such as nn.ModuleList; where its
+    parts run alone (model.body(x)), clear_routing(model) before each such forward does it by hand."""
     inner = unwrapped(model)
+    if type(inner).forward is nn.Module.forward:
+        raise TypeError(f"a {type(inner).__name__} has no forward, so nothing would restart its routing record "
+                        "each forward: give apply_lora_moe the model that is called")
     inner.requires_grad_(False)
+    modules = dict(inner.named_modules())
     for name, experts in allocation.items():
         if experts > 0:
+            if name not in modules:
+                raise ValueError(f"{name!r} is not a module of the model")
             parent_name, _, child = name.rpartition(".")
-            try:
-                parent, base = inner.get_submodule(parent_name), inner.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{name!r} is not a module of the model") from None
+            parent, base = modules[parent_name], modules[name]
             if not isinstance(base, nn.Linear) or isinstance(parent, nn.MultiheadAttention):
                 raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear that its parent calls")
             setattr(parent, child, LoRAMoELinear(base, experts, r, lora_alpha, top_k))

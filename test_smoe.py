@@ -398,6 +398,44 @@ def test_aux_loss_covers_every_call_of_a_module_in_the_latest_forward():
     assert copy.deepcopy(model).proj.routing == []  # and a copy after the forward still works
 
 
+class Body(nn.Module):
+    """A model whose part is also run alone, as model.body(x) for features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_the_routing_record_restarts_with_the_models_forward_or_by_hand_before_a_part_runs_alone():
+    # a container is never called, so nothing would restart its record: refused
+    with pytest.raises(TypeError, match="a ModuleList has no forward.*give apply_lora_moe the model that is called"):
+        apply_lora_moe(nn.ModuleList([nn.Linear(6, 6)]), {"0": 4}, r=2)
+    torch.manual_seed(0)
+    model = with_nonzero_B(apply_lora_moe(Body(), {"body.0": 4}, r=2, top_k=2))
+    model(torch.randn(5, 6))
+    x = torch.randn(7, 6)
+    clear_routing(model)  # by hand: the part's forward does not begin the model's
+    model.body(x)
+    logits = (x @ model.body[0].router.weight.t()).detach()  # (7, E) the router on this call's input alone
+    assert math.isclose(moe_aux_loss(model).item(), switch_loss_by_hand(logits, 2, [True] * 7), rel_tol=1e-5)
+
+
+def test_under_torch_compile_each_forward_restarts_the_record_and_the_loss_is_eagers():
+    torch.manual_seed(0)
+    model = with_nonzero_B(apply_lora_moe(SharedBlock(), {"proj": 4}, r=2, top_k=2))
+    compiled = torch.compile(model, backend="eager")  # the compile path without a compiler: cheap
+    idx = torch.randint(0, 5, (3, 4))
+    model(idx)
+    eager = moe_aux_loss(model).item()
+    for _ in range(2):
+        compiled(idx)
+        assert len(model.proj.routing) == 2  # the two calls of one forward
+        assert math.isclose(moe_aux_loss(compiled).item(), eager, rel_tol=1e-6)
+
+
 def test_aux_loss_leaves_out_layers_that_use_every_expert():
     # checks: a layer with E <= k (here E = 2 at k = 2) stays out of the mean, so the E = 4 router gets the
     # whole gradient the coefficient asks for, not half of it
@@ -631,11 +669,43 @@ def test_both_forms_measure_the_model_in_eval_mode_and_leave_each_module_in_its_
         assert [m.training for m in model.modules()] == modes, form.__name__
 
 
+class Merging(nn.Linear):
+    """A loralib-style layer: train(False) merges its delta into the weight, train(True) takes it out."""
+
+    def __init__(self):
+        super().__init__(4, 4)
+        self.delta, self.merged = nn.Parameter(torch.ones(4, 4)), False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode == self.merged:
+            with torch.no_grad():
+                self.weight += -self.delta if mode else self.delta
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + (0 if self.merged else x @ self.delta.t())
+
+
+def test_both_forms_restore_each_mode_through_the_modules_own_train():
+    # a module whose train() does more than set the flag is put back by calling it: unmerged, its delta learns again
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    for form in (compute_sensitivity, sensitivity_reference):
+        model = nn.Sequential(Merging(), nn.Linear(4, 4)).train()
+        weight = model[0].weight.detach().clone()
+        form(model, {"t": [x]}, lambda m, b: m(b).pow(2).sum(1), ["1"])
+        assert model[0].training and not model[0].merged, form.__name__
+        assert_close(model[0].weight, weight)  # merged and taken out again
+        assert torch.autograd.grad(model(x).sum(), model[0].delta)[0].abs().max() > 0, form.__name__
+
+
 def test_a_loss_that_is_not_one_per_example_is_one_clear_error():
     # a batch's mean, or losses for some of the examples, would score other gradients than the examples'
     torch.manual_seed(0)
     model, x = Twice(), torch.randn(4, 3, 4)
-    for loss_fn, shape in [(lambda m, b: m(b).pow(2).mean(), "shape ()"), (lambda m, b: m(b).pow(2).sum(dim=(1, 2))[:2], "2 losses")]:
+    for loss_fn, shape in [(lambda m, b: m(b).pow(2).mean(), "shape ()"), (lambda m, b: m(b).pow(2).sum(dim=(1, 2))[:2], "shape (2,)")]:
         with pytest.raises(ValueError, match="one loss per example") as e:
             compute_sensitivity(model, {"t": [x]}, loss_fn, ["proj"])
         assert shape in str(e.value) and "\n" not in str(e.value)
@@ -655,7 +725,7 @@ class Flattens(nn.Module):
 def test_a_candidate_whose_input_is_not_batch_first_is_one_clear_error():
     torch.manual_seed(0)
     loss_fn = lambda model, x: model(x).pow(2).sum(dim=(1, 2))  # noqa: E731  (b,)
-    with pytest.raises(ValueError, match=r"proj's input is \(12, 4\) for 4 losses.*batch first"):
+    with pytest.raises(ValueError, match=r"input with the batch first: loss_fn returned shape \(4,\), the candidates got \{'proj': \[\(12, 4\)\]\}"):
         compute_sensitivity(Flattens(), {"t": [torch.randn(4, 3, 4)]}, loss_fn, ["proj"])
     # PyTorch's default batch_first=False: (L, b, C) inputs. With L == b no shape can tell, so the layer is named
     layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0)
