@@ -16,9 +16,9 @@ rank the matrices much alike (experiments/README.md, "The toy"). add's answer co
 significant digit first, as the carry flows, so that each digit depends only on what the decoder
 has already seen.
 
-The base model (train.py pretrains it) learns two other tasks, which teach it the alphabet, the
-digits and the line format, but none of the four: copy ("Cbdaf=bdaf.", "C27+08=27+08.") and sums
-of a digit, or of a two-digit number and a digit ("F7+8=51.", "F27+8=53.").
+The base model (base/ keeps the default one; train.py pretrains any other) learns two other tasks,
+which teach it the alphabet, the digits and the line format, but none of the four: copy ("Cbdaf=bdaf.",
+"C27+08=27+08.") and sums of a digit, or of a two-digit number and a digit ("F7+8=51.", "F27+8=53.").
 
 The loss covers only the answer (after "="); prompt and padding targets are -1. An input whose
 CRC-32 is divisible by 10 is held out from all training, pretraining included; evaluation draws

@@ -254,7 +254,7 @@ else:
     say(f"2. sensitivity of the {len(candidates)} candidate matrices to each task, from {args.sens_batches} batches of "
         f"{args.batch_size} per task{' (read from the checkpoint)' if ckpt else ''}; each task's scores as % of its total (read across: a layer; down: depth)")
     width = 5 * len(args.targets) - 1
-    say("         " + " | ".join(f"{t:<{width}}" for t in sensitivity))
+    say(("         " + " | ".join(f"{t:<{width}}" for t in sensitivity)).rstrip())
     say_grid([{n: f"{100 * v / sum(s.values()):.0f}" for n, v in s.items()} for s in sensitivity.values()])
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ A run wins when its mean held-out exact match over the four tasks is the higher;
 The allocation column shows where the 16 experts went: each task votes for its 4 most sensitive
 matrices, so the experts land on few matrices when the tasks agree.
 
-Run from the repository root:  python experiments/bases.py       (about 25 minutes on 2 cores)
+Run from the repository root:  python experiments/bases.py      (its table and time: README.md)
 Each run is a `python train.py` process on one thread, --jobs at a time (default 2), its output in
 its folder's log.txt; a folder that already holds results.json is read back, not run again, so a
 stopped table resumes. Writes out/bases/<seed>-<smoe|lora>/ and out/bases/table.md.

@@ -105,6 +105,27 @@ def test_quickstart_help_describes_it_and_runs_nothing(tmp_path):
                           text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "" and "How long the quick start takes" in proc.stdout
 
+
+@needs_transformers
+def test_hugging_face_gradient_checkpointing_works_with_the_balancing_loss_unless_asked_to_be_reentrant():
+    # README, "Where this departs": gradient_checkpointing_enable() as it comes, then with use_reentrant=True
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    for kwargs, refused in ((None, False), ({"use_reentrant": True}, True)):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        model = apply_lora_moe(model, dict.fromkeys(candidate_names(model, ["q_proj"]), 4), r=2, lora_alpha=4, top_k=2)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+        loss = model(input_ids=x, labels=x).loss
+        if refused:
+            with pytest.raises(RuntimeError, match="no gradient"):
+                moe_aux_loss(model)
+        else:
+            (loss + moe_aux_loss(model)).backward()
+            assert all(m.router.weight.grad is not None for _, m in moe_layers(model))
+
 # -----------------------------------------------------------------------------
 # The peers' rules
 
