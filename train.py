@@ -170,14 +170,6 @@ def save(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def fingerprint(model):
-    """The first 12 hex digits of the sha256 of the weights' bytes, in name order: which base this is, at a glance."""
-    h = hashlib.sha256()
-    for _, t in sorted(model.state_dict().items()):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def say_grid(tables):
     """{"layers.3.attn.v_proj": text} tables side by side as layer x matrix grids, each row after its layer number."""
     say("   layer " + " | ".join(" ".join(f"{m.removesuffix('_proj'):>4}" for m in args.targets) for _ in tables))
@@ -228,7 +220,8 @@ times["base"] = time.time() - t0
 eval_sets = {t: data.eval_set(t, args.eval_examples) for t in args.tasks}
 base_answers = data.answers(model, eval_sets)
 base_acc = data.exact_match(base_answers, eval_sets)
-base_fingerprint = fingerprint(model)
+weights = b"".join(w.cpu().numpy().tobytes() for _, w in sorted(model.state_dict().items()))  # in name order
+base_fingerprint = hashlib.sha256(weights).hexdigest()[:12]  # which base this is, at a glance
 say(f"   fingerprint {base_fingerprint}; held-out exact match " + ", ".join(f"{t} {a:.2f}" for t, a in base_acc.items()))
 
 # -----------------------------------------------------------------------------

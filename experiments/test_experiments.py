@@ -107,6 +107,7 @@ def test_quickstart_help_describes_it_and_runs_nothing(tmp_path):
 
 
 @needs_transformers
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_hugging_face_gradient_checkpointing_works_with_the_balancing_loss_unless_asked_to_be_reentrant():
     # README, "Where this departs": gradient_checkpointing_enable() as it comes, then with use_reentrant=True
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
