@@ -66,8 +66,12 @@ def device_name(text):
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        torch.empty(0, device=text)
-    except Exception:  # RuntimeError for a name torch does not know, AssertionError for cuda on a CPU build
+        device = torch.device(text)
+    except RuntimeError:  # a name torch does not know
+        device = None
+    usable = device is not None and {"cpu": True, "mps": torch.backends.mps.is_available(),
+                                     "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}.get(device.type)
+    if not usable:
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps that this PyTorch build "
                                          f"({torch.__version__}) can use here, got {text!r}")
     return text
