@@ -99,7 +99,7 @@ p.add_argument("--lr", type=number(float, 0, strict=True), default=1e-2, help="p
 p.add_argument("--eval-every", type=number(int, 1), default=500, help="evaluate every N steps and at the end (default 500)")
 p.add_argument("--eval-examples", type=number(int, 1), default=200, help="held-out examples per task, at most all it has (default 200; add has 88)")
 p.add_argument("--seed", type=number(int, 0), default=0, help="seed of sampling and adapter initialisation (default 0)")
-p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base (default 0: the base kept in base/)")
+p.add_argument("--base-seed", type=number(int, 0), default=0, help="seed of the pretrained base (default 0; at the default pretraining, the base kept in base/)")
 p.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 p.add_argument("--out", default="out", help="output folder (default out)")
 p.add_argument("--cache", help="folder of the pretrained-base cache (default: --out)")
