@@ -464,8 +464,8 @@ def test_resume_refuses_a_checkpoint_made_on_another_base(reference, tmp_path):
 
 
 def test_a_run_with_an_allocation_file_resumes(reference, from_file):
-    # train.py bug: the checkpoint's settings hold the parsed allocation, a dict, and `if args.allocation:`
-    # then calls open() on it (TypeError, a traceback). --resume of a finished run writes its results again.
+    # the checkpoint's settings hold the allocation itself, a dict, not the file's name; --resume of a
+    # finished run writes its results again, the same adapter
     assert from_file["code"] == 0
     code, stdout, stderr = run_in_process("--out", from_file["out"], "--resume")
     assert code == 0, stderr[-3000:]
