@@ -77,6 +77,7 @@ def device_name(text):
     return text
 
 
+# The flags and their defaults (python train.py --help); the checks that need several of them follow
 p = argparse.ArgumentParser(usage="python train.py [flags]; python train.py --help lists them; python sample.py asks a finished run",
                             description="LoRA-SMoE on toy tasks: sensitivity, allocation, LoRA-MoE fine-tuning.")
 p.add_argument("--budget", type=number(int, 1), help="experts to spend over the candidate matrices (default: one per candidate, plain LoRA's count)")
@@ -129,6 +130,7 @@ if args.resume:
             p.error(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's {v}")
         setattr(args, k, v)
     sensitivity, allocation = ckpt["sensitivity"], ckpt["adapter"]["allocation"]
+# the model, the budget's bounds, and the base's recipe: its cache name and what --resume checks
 cfg = GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE)
 M = cfg.n_layer * len(args.targets)  # candidate matrices
 if args.budget and args.allocation is None and args.alloc == "sensitivity" and args.budget > len(args.tasks) * M:
@@ -141,6 +143,7 @@ base_name, cache = f"base-{hashlib.sha1(base_key.encode()).hexdigest()[:12]}.pt"
 base_path = os.path.join(KEPT if os.path.exists(os.path.join(KEPT, base_name)) else cache, base_name)
 if ckpt and ckpt["base_key"] != base_key:
     p.error(f"--resume: {ckpt_path} was made on another pretrained base (another version of the toy); start a new run")
+# one process, or under torchrun one per device as nanoGPT; Ctrl-C and SIGTERM; the output folders
 device = torch.device(args.device)
 ddp = "RANK" in os.environ  # under torchrun: one process per device, rank 0 prints and writes
 if ddp:
