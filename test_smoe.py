@@ -23,8 +23,6 @@ from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, allocate_experts
                   candidate_names, clear_routing, compute_sensitivity, layer_name, load_adapter, load_balancing_loss, moe_aux_loss,
                   moe_layers, normalise_per_layer, per_example_sq_norms, sensitivity_reference)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(HERE, "train.py")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

@@ -27,42 +27,13 @@ import data
 from smoe import (GPT, GPTConfig, adapter_state, allocate_experts, apply_lora_moe,
                   candidate_names, compute_sensitivity, load_adapter, moe_aux_loss,
                   moe_layers)
+from test_smoe import assert_close, assert_scores_close, tiny_gpt  # the method's test helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
 SAMPLE = os.path.join(HERE, "sample.py")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def assert_close(actual, expected, atol=1e-5, rtol=1e-5):
-    actual, expected = actual.double(), expected.double()
-    close = torch.allclose(actual, expected, atol=atol, rtol=rtol)
-    assert close, f"max abs difference {(actual - expected).abs().max().item():.3e}"
-
-
-def tiny_gpt(seed=0, n_embd=16):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=n_embd))
-
-
-def task_batches(tasks, n_batches, batch_size=8, seed=0):
-    rng = random.Random(seed)
-    return {t: [data.get_batch([t], batch_size, rng) for _ in range(n_batches)] for t in tasks}
-
-
-def assert_scores_close(actual, expected, rel=1e-4):
-    assert actual.keys() == expected.keys()
-    for task in expected:
-        assert actual[task].keys() == expected[task].keys()
-        for name, e in expected[task].items():
-            assert math.isclose(actual[task][name], e, rel_tol=rel, abs_tol=1e-12), (task, name, actual[task][name], e)
-
-
-def with_nonzero_B(model):
-    """B = 0 at initialisation makes every expert contribute nothing; give them something to say."""
-    for _, m in moe_layers(model):
-        nn.init.normal_(m.lora_B)
-    return model
 # -----------------------------------------------------------------------------
 # Data
 

@@ -22,33 +22,12 @@ import data  # noqa: E402
 from smoe import (GPT, GPTConfig, LoRAMoELinear, adapter_state, allocate_experts, apply_lora_moe,  # noqa: E402
                   candidate_names, compute_sensitivity, layer_name, load_adapter, moe_aux_loss,
                   moe_layers, sensitivity_reference)
+from test_smoe import TARGETS, assert_close, tiny_gpt  # noqa: E402  (the method's test helpers)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TRAIN = os.path.join(HERE, "train.py")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def assert_close(actual, expected, atol=1e-5, rtol=1e-5):
-    actual, expected = actual.double(), expected.double()
-    close = torch.allclose(actual, expected, atol=atol, rtol=rtol)
-    assert close, f"max abs difference {(actual - expected).abs().max().item():.3e}"
-
-
-def tiny_gpt(seed=0, n_embd=16):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=len(data.VOCAB), block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=n_embd))
-
-
-def task_batches(tasks, n_batches, batch_size=8, seed=0):
-    rng = random.Random(seed)
-    return {t: [data.get_batch([t], batch_size, rng) for _ in range(n_batches)] for t in tasks}
-
-
-def with_nonzero_B(model):
-    """B = 0 at initialisation makes every expert contribute nothing; give them something to say."""
-    for _, m in moe_layers(model):
-        nn.init.normal_(m.lora_B)
-    return model
 # =============================================================================
 # experiments/ and bench/: the peers' rules, the statistics, compare.py driving train.py as a program,
 # the Hugging Face recipe, the real model's tasks, the toy profile, and the benchmark's per-expert loop
