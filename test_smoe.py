@@ -9,7 +9,6 @@ import copy
 import io
 import itertools
 import math
-import os
 import random
 
 import pytest
