@@ -47,11 +47,18 @@ def halves(task):
     return split
 
 
-def trainable(allocation, shapes):
+def trainable(allocation, shapes, r=RANK):
     """Trainable parameters of an allocation: each expert's A and B, r * (in + out), and a router of
     in x E where E >= 2; shapes {name: (out, in)}. Uniform x2 on the toy: v_proj (64, 64) 2 * 2 * 128 + 128
     and up_proj (128, 64) 2 * 2 * 192 + 128 in each of 8 layers, 8 * (640 + 896) = 12,288."""
-    return sum(n * RANK * (o + i) + (n * i if n >= 2 else 0) for name, n in allocation.items() for o, i in [shapes[name]])
+    return sum(n * r * (o + i) + (n * i if n >= 2 else 0) for name, n in allocation.items() for o, i in [shapes[name]])
+
+
+def choose_rate(cells):
+    """PROTOCOL3.md's rule for an arm's learning rate: the highest mean validation exact match over the tuning
+    units, a tie going to the lower mean validation loss. cells {rate: [(exact match, loss) of each tuning unit]}.
+    Example: {3e-4: [(0.5, 0.9)], 1e-3: [(0.7, 0.8)], 3e-3: [(0.7, 0.6)]} -> 3e-3 (0.7 ties; loss 0.6 < 0.8)."""
+    return max(cells, key=lambda lr: (statistics.mean(m for m, _ in cells[lr]), -statistics.mean(x for _, x in cells[lr])))
 
 
 def flags(arm, lr):
@@ -172,13 +179,11 @@ def main():
         + " (ties: the lower validation cross-entropy)")
     rate = {}
     for arm in PRIMARY_ARMS:
-        cells = {}
-        for lr in RATES:
-            rs = [find(arm, b, lr) for b in args.tuning_bases]
-            ces = [statistics.mean(r["ce"].values()) if r["ce"] else float("inf") for r in rs]
-            cells[lr] = (statistics.mean(r["mean"] for r in rs), statistics.mean(ces))
-        rate[arm] = max(RATES, key=lambda lr: (cells[lr][0], -cells[lr][1]))
-        say(f"  {arm:>11}: " + ", ".join(f"lr {lr:g} {m:.3f} (ce {c:.3f})" for lr, (m, c) in cells.items()) + f" -> {rate[arm]:g}")
+        cells = {lr: [(r["mean"], statistics.mean(r["ce"].values()) if r["ce"] else float("inf"))
+                      for r in (find(arm, b, lr) for b in args.tuning_bases)] for lr in RATES}
+        rate[arm] = choose_rate(cells)
+        say(f"  {arm:>11}: " + ", ".join(f"lr {lr:g} {statistics.mean(m for m, _ in c):.3f} (ce {statistics.mean(x for _, x in c):.3f})"
+                                         for lr, c in cells.items()) + f" -> {rate[arm]:g}")
     rate |= {arm: rate[of] for arm, of in SECONDARY_ARMS.items()}
 
     # Stage 2: the test bases, each arm at its rate, scored on the test half

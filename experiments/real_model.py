@@ -253,21 +253,11 @@ def allocations(base, tokenizer, names, args, seed, device):
         elif rule == "random2":
             rules[rule] = allocate_random(allocate_experts(sens, 2 * M), seed)
         elif rule == "smoe_params":  # LoRA-SMoE at the largest budget whose trainable parameters are at most uniform2's
-            even = trainable(allocate_uniform(names, 2 * M), base, args.rank)
+            shapes = {n: tuple(base.get_submodule(n).weight.shape) for n in names}
+            even = claim3.trainable(allocate_uniform(names, 2 * M), shapes, args.rank)
             rules[rule] = allocate_experts(sens, max(b for b in range(1, T * M + 1)
-                                                     if trainable(allocate_experts(sens, b), base, args.rank) <= even))
+                                                     if claim3.trainable(allocate_experts(sens, b), shapes, args.rank) <= even))
     return rules, sens
-
-
-def trainable(allocation, model, r):
-    """Trainable parameters of an allocation: each expert's A and B, r * (in + out), and a router of in x E
-    where E >= 2. SmolLM2's uniform x2 at r = 8: q and o (576 x 576) 2 * 8 * 1152 + 2 * 576 = 19,584, k and v
-    (192 x 576) 2 * 8 * 768 + 1152 = 13,440, in each of 30 layers: 30 * 2 * (19,584 + 13,440) = 1,981,440."""
-    return sum(n * r * (m.in_features + m.out_features) + (n * m.in_features if n >= 2 else 0)
-               for name, n in allocation.items() for m in [model.get_submodule(name)])
-
-# -----------------------------------------------------------------------------
-# Jobs: each worker process loads the base once and runs (rule, seed) units, on one thread when there are several
 
 
 WORKER = {}
@@ -347,16 +337,9 @@ def report(results, rules, seeds):
     return "\n".join(lines + ["; ".join(verdicts)])
 
 
-def choose_rate(cells):
-    """PROTOCOL3.md's rule for an arm's learning rate: the highest mean validation exact match over the tuning
-    seeds, a tie going to the lower mean validation loss. cells {rate: [(exact match, loss) of each tuning seed]}.
-    Example: {3e-4: [(0.5, 0.9)], 1e-3: [(0.7, 0.8)], 3e-3: [(0.7, 0.6)]} -> 3e-3 (0.7 ties; loss 0.6 < 0.8)."""
-    return max(cells, key=lambda lr: (statistics.mean(m for m, _ in cells[lr]), -statistics.mean(x for _, x in cells[lr])))
-
-
 def protocol3(args, pool, base, tokenizer, names, held, device):
     """PROTOCOL3.md on this model: one base, the fine-tuning seeds as units. Stage 1: each primary arm's rate
-    from RATES by choose_rate, on TUNING_SEEDS and the validation half of the held-out prompts (the even
+    from RATES by claim3.choose_rate, on TUNING_SEEDS and the validation half of the held-out prompts (the even
     positions of each task's list). Stage 2: every arm at its rate on the test seeds and the test half (the odd
     positions); the gate, P1, P2 and P3 with Holm, and the verdict, by claim3. Returns (report lines, runs, rates)."""
     half = {"validation": {t: pairs[0::2] for t, pairs in held.items()}, "test": {t: pairs[1::2] for t, pairs in held.items()}}
@@ -378,7 +361,7 @@ def protocol3(args, pool, base, tokenizer, names, held, device):
     rate = {}
     for arm in PRIMARY:
         cells = {lr: [(r["mean"], r["loss"]) for r in runs if r["arm"] == arm and r["lr"] == lr] for lr in RATES}
-        rate[arm] = choose_rate(cells)
+        rate[arm] = claim3.choose_rate(cells)
         say(f"  {arm:<11} " + ", ".join(f"lr {lr:g} {statistics.mean(m for m, _ in c):.3f} ({statistics.mean(x for _, x in c):.3f})"
                                         for lr, c in cells.items()) + f" -> {rate[arm]:g}")
     rate["smoe_params"] = rate["smoe"]  # a secondary arm runs at the rate of the primary arm it varies

@@ -729,6 +729,7 @@ def test_protocol3_outcomes_verdict_halves_and_parameter_count():
 
 @needs_transformers
 def test_real_model_protocol3_on_a_tiny_llama_chooses_each_rate_by_the_rule_and_reports_the_verdict(tmp_path, capsys):
+    import claim3
     # a character tokenizer over the real model's prompts and answers, and a random 2-layer Llama: M = 8 candidates
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz" + "abcdefghijklmnopqrstuvwxyz".upper() + "0123456789 +="))
     vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + chars)}
@@ -744,7 +745,7 @@ def test_real_model_protocol3_on_a_tiny_llama_chooses_each_rate_by_the_rule_and_
     tokenizer.save_pretrained(tmp_path / "llama")
 
     # the rule by hand: the highest mean exact match over the tuning seeds wins; a tie goes to the lower loss
-    assert real_model.choose_rate({3e-4: [(0.25, 0.1), (0.25, 0.1)], 1e-3: [(0.5, 0.9), (1.0, 0.9)],
+    assert claim3.choose_rate({3e-4: [(0.25, 0.1), (0.25, 0.1)], 1e-3: [(0.5, 0.9), (1.0, 0.9)],
                                    3e-3: [(0.75, 0.4), (0.75, 0.4)]}) == 3e-3  # 0.75 ties 0.75; loss 0.4 < 0.9
 
     out = real_model.main(["--model", str(tmp_path / "llama"), "--protocol3", "--device", "cpu", "--jobs", "1",
@@ -761,7 +762,8 @@ def test_real_model_protocol3_on_a_tiny_llama_chooses_each_rate_by_the_rule_and_
     experts = {"plain": 8, "uniform2": 16, "uniform4": 32, "smoe": 16, "random": 16, "smoe60": 20}  # M, 2M, T x M, 60 %
     assert all(test[arm, s]["experts"] == n for arm, n in experts.items() for s in (1, 2))
     names = candidate_names(model, TARGETS)
-    even = real_model.trainable(dict.fromkeys(names, 2), model, 2)  # the formula against fine_tune's own count
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    even = claim3.trainable(dict.fromkeys(names, 2), shapes, 2)  # the formula against fine_tune's own count
     assert test["uniform2", 1]["trainable"] == even and all(test["smoe_params", s]["trainable"] <= even for s in (1, 2))
     assert all(len(r["accuracy"]) == 4 for r in out["runs"])  # every run scored on its half: 1 of 2 prompts a task
 
